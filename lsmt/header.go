@@ -64,12 +64,12 @@ func HasMagic(b []byte) bool {
 // parseHeader decodes a header or trailer slot. Old layers carry garbage in
 // unused fields, so only the magic is checked here; callers check the flag
 // bits they need.
-func parseHeader(b []byte) (Header, error) {
+func parseHeader(b []byte, where string) (Header, error) {
 	if len(b) < headerStructSize {
-		return Header{}, fmt.Errorf("%w: header slot is %d bytes", ErrNotLSMT, len(b))
+		return Header{}, fmt.Errorf("%w: %s slot is %d bytes", ErrNotLSMT, where, len(b))
 	}
 	if !HasMagic(b) {
-		return Header{}, fmt.Errorf("%w: bad magic % x", ErrNotLSMT, b[:8])
+		return Header{}, fmt.Errorf("%w: %s: bad magic % x", ErrNotLSMT, where, b[:8])
 	}
 	le := binary.LittleEndian
 	return Header{

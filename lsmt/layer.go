@@ -29,9 +29,9 @@ func Open(r io.ReaderAt, size int64) (*Layer, error) {
 	if err := readFull(r, slot, 0); err != nil {
 		return nil, fmt.Errorf("lsmt: read header: %w", err)
 	}
-	header, err := parseHeader(slot)
+	header, err := parseHeader(slot, "header")
 	if err != nil {
-		return nil, fmt.Errorf("header: %w", err)
+		return nil, err
 	}
 	if !header.IsHeader() || !header.IsData() {
 		return nil, fmt.Errorf("%w: header flags %#x lack the header and data bits", ErrNotLSMT, header.Flags)
@@ -40,9 +40,9 @@ func Open(r io.ReaderAt, size int64) (*Layer, error) {
 	if err := readFull(r, slot, trailerOffset); err != nil {
 		return nil, fmt.Errorf("lsmt: read trailer: %w", err)
 	}
-	trailer, err := parseHeader(slot)
+	trailer, err := parseHeader(slot, fmt.Sprintf("trailer at %d", trailerOffset))
 	if err != nil {
-		return nil, fmt.Errorf("trailer at %d: %w", trailerOffset, err)
+		return nil, err
 	}
 	if trailer.IsHeader() || !trailer.IsData() || !trailer.IsSealed() {
 		return nil, fmt.Errorf("%w: trailer flags %#x: want a sealed data trailer (not a committed layer?)",

@@ -123,9 +123,9 @@ func checkWritableFiles(data, idx *os.File) (Header, int64, error) {
 	if err := readFull(data, slot, 0); err != nil {
 		return Header{}, 0, fmt.Errorf("lsmt: read data file header: %w", err)
 	}
-	h, err := parseHeader(slot)
+	h, err := parseHeader(slot, "data file header")
 	if err != nil {
-		return Header{}, 0, fmt.Errorf("data file: %w", err)
+		return Header{}, 0, err
 	}
 	if !h.IsHeader() || !h.IsData() || h.IsSealed() || h.Flags&FlagSparse != 0 {
 		return Header{}, 0, fmt.Errorf("%w: data file flags %#x: want an unsealed append-mode data file",
@@ -134,9 +134,9 @@ func checkWritableFiles(data, idx *os.File) (Header, int64, error) {
 	if err := readFull(idx, slot, 0); err != nil {
 		return Header{}, 0, fmt.Errorf("lsmt: read index file header: %w", err)
 	}
-	ih, err := parseHeader(slot)
+	ih, err := parseHeader(slot, "index file header")
 	if err != nil {
-		return Header{}, 0, fmt.Errorf("index file: %w", err)
+		return Header{}, 0, err
 	}
 	if !ih.IsHeader() || ih.IsData() || ih.IsSealed() || ih.IndexOffset != HeaderSize {
 		return Header{}, 0, fmt.Errorf("%w: index file flags %#x, index offset %d: want an unsealed index file",
@@ -344,7 +344,7 @@ func (w *Writable) saveVirtualSize() error {
 		if err := readFull(f, slot, 0); err != nil {
 			return fmt.Errorf("lsmt: update virtual size: %w", err)
 		}
-		h, err := parseHeader(slot)
+		h, err := parseHeader(slot, f.Name())
 		if err != nil {
 			return fmt.Errorf("lsmt: update virtual size: %w", err)
 		}
