@@ -12,10 +12,11 @@ set -euo pipefail
 declare -A groups=(
   [build]="clang llvm libbpf-dev bpftool protobuf-compiler make git"
   [test]="fio e2fsprogs skopeo docker-registry fuse3 util-linux kmod"
+  [containerd]="runc"
 )
 
 want=("$@")
-[ ${#want[@]} -eq 0 ] && want=(build test)
+[ ${#want[@]} -eq 0 ] && want=(build test containerd)
 
 missing=()
 for g in "${want[@]}"; do
@@ -52,4 +53,10 @@ install_go_tool() { # name module@version
 }
 install_go_tool staticcheck honnef.co/go/tools/cmd/staticcheck@v0.8.2
 install_go_tool protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+# containerd v2 and its shim, built from Go modules (quick when present).
+for g in "${want[@]}"; do
+  if [ "$g" = containerd ]; then
+    "$root/scripts/install-containerd.sh" >/dev/null
+  fi
+done
 echo "install-deps: ok" >&2
