@@ -1,0 +1,255 @@
+package blobcache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// maxBlockAttempts bounds how often one read refetches a block that keeps
+// failing its CRC before giving up.
+const maxBlockAttempts = 4
+
+// maxEvictedRetries bounds how often one read may lose a block to eviction
+// between filling and reading it.
+const maxEvictedRetries = 16
+
+// readResult is the outcome of reading a block from disk.
+type readResult int
+
+const (
+	readOK      readResult = iota
+	readEvicted            // the block was dropped meanwhile
+	readCorrupt            // the bytes failed the CRC; the block was dropped
+)
+
+// Blob reads one cached blob. It implements io.ReaderAt and is safe for
+// concurrent use.
+type Blob struct {
+	c *Cache
+	s *blobState
+	f Fetcher
+}
+
+// Digest is the blob's digest.
+func (b *Blob) Digest() digest.Digest { return b.s.dgst }
+
+// Size is the blob's length in bytes.
+func (b *Blob) Size() int64 { return b.s.size }
+
+// Complete reports whether every block is cached and the blob has passed its
+// digest check.
+func (b *Blob) Complete() bool { return b.s.complete.Load() }
+
+// ReadAt implements io.ReaderAt with no deadline; prefer ReadAtContext.
+func (b *Blob) ReadAt(p []byte, off int64) (int, error) {
+	return b.ReadAtContext(context.Background(), p, off)
+}
+
+// ReadAtContext reads len(p) bytes at off, from disk where cached and through
+// the fetcher otherwise, with io.ReaderAt's contract: a read reaching the
+// blob's end returns the bytes up to it and io.EOF.
+func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, error) {
+	s := b.s
+	if off < 0 {
+		return 0, fmt.Errorf("%w: %s: negative offset %d", ErrInvalidBlob, s.dgst, off)
+	}
+	if b.c.closed.Load() {
+		return 0, ErrClosed
+	}
+	if off >= s.size {
+		return 0, io.EOF
+	}
+	end := min(off+int64(len(p)), s.size)
+	n := 0
+	defer func() {
+		b.c.stats.served.Add(int64(n))
+		s.stats.served.Add(int64(n))
+	}()
+	for pos := off; pos < end; {
+		i := pos / s.bs
+		bstart := i * s.bs
+		take := min(end, bstart+s.blockLen(i)) - pos
+		if err := b.readBlock(ctx, i, p[pos-off:pos-off+take], pos-bstart); err != nil {
+			return n, err
+		}
+		pos += take
+		n += int(take)
+	}
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// readBlock copies block i's bytes [inoff, inoff+len(dst)) into dst, fetching
+// the block's window first if it is missing or fails its CRC.
+func (b *Blob) readBlock(ctx context.Context, i int64, dst []byte, inoff int64) error {
+	s := b.s
+	counted, pinned := false, false
+	for attempt, evicted := 0, 0; ; {
+		// A complete blob skips the presence map; its CRCs still guard reads.
+		present := s.complete.Load() || s.has(i)
+		if !counted {
+			counted = true
+			if present {
+				b.c.stats.hits.Add(1)
+				s.stats.hits.Add(1)
+			} else {
+				b.c.stats.misses.Add(1)
+				s.stats.misses.Add(1)
+			}
+		}
+		if !present {
+			if !pinned {
+				pinned = true
+				s.pin(s.window(i))
+				defer s.unpin(s.window(i))
+			}
+			if err := b.fill(ctx, s.window(i), true); err != nil {
+				// A coalesced fill led by a reader that gave up fails with
+				// that reader's cancellation; ours may still be live.
+				if ctx.Err() == nil && isContextErr(err) {
+					continue
+				}
+				return err
+			}
+		}
+		res, err := b.readVerified(i, dst, inoff)
+		switch {
+		case err != nil:
+			return err
+		case res == readOK:
+			s.touch(s.window(i))
+			return nil
+		case res == readEvicted:
+			// Lost a race with eviction; bounded so a cache far too small
+			// for its readers fails instead of spinning.
+			if evicted++; evicted > maxEvictedRetries {
+				return fmt.Errorf("%w: %s block %d evicted %d times before it could be read; MaxBytes too small?",
+					ErrFetch, s.dgst, i, evicted)
+			}
+		default:
+			if attempt++; attempt >= maxBlockAttempts {
+				return fmt.Errorf("%w: %s block %d (offset %d) failed its checksum %d times",
+					ErrCorrupt, s.dgst, i, i*s.bs, attempt)
+			}
+		}
+	}
+}
+
+func isContextErr(err error) bool {
+	return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
+}
+
+// readVerified reads the pages of block i that cover [inoff, inoff+len(dst))
+// and checks their CRCs. A mismatch is re-checked under the blob lock (a
+// concurrent eviction may have punched the block out between our presence
+// check and the read); if it is still bad the block is dropped and
+// readCorrupt tells the caller to refetch.
+func (b *Blob) readVerified(i int64, dst []byte, inoff int64) (readResult, error) {
+	s := b.s
+	start := i*s.bs + inoff
+	p0 := start / pageSize
+	ps, pe := p0*pageSize, min((start+int64(len(dst))+pageSize-1)/pageSize*pageSize, s.size)
+	buf := dst
+	if ps != start || pe-ps != int64(len(dst)) {
+		// Unaligned reads still read and check whole pages.
+		scratch := b.c.getBlock()
+		defer b.c.putBlock(scratch)
+		buf = (*scratch)[:pe-ps]
+	}
+	if ok, err := s.readPages(p0, buf); err != nil || ok {
+		if ok && len(buf) != len(dst) {
+			copy(dst, buf[start-ps:])
+		}
+		return readOK, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.has(i) {
+		return readEvicted, nil
+	}
+	if ok, err := s.readPages(p0, buf); err != nil || ok {
+		if ok && len(buf) != len(dst) {
+			copy(dst, buf[start-ps:])
+		}
+		return readOK, err
+	}
+	b.c.stats.corrupt.Add(1)
+	if _, err := s.dropBlocks(i, i+1); err != nil {
+		return readCorrupt, err
+	}
+	return readCorrupt, nil
+}
+
+// readPages reads buf from the data file at page p0 and reports whether
+// every page in it matches its CRC.
+func (s *blobState) readPages(p0 int64, buf []byte) (bool, error) {
+	n, err := s.data.ReadAt(buf, p0*pageSize)
+	if err != nil && !(errors.Is(err, io.EOF) && n == len(buf)) {
+		if !errors.Is(err, io.EOF) {
+			return false, fmt.Errorf("blobcache: read %s at %d: %w", s.dgst, p0*pageSize, err)
+		}
+		// The data file was truncated behind our back: the CRCs will fail
+		// and the block is refetched.
+		clear(buf[n:])
+	}
+	for k := 0; k*pageSize < len(buf); k++ {
+		page := buf[k*pageSize : min((k+1)*pageSize, len(buf))]
+		if blockCRC(page) != s.crcs[p0+int64(k)].Load() {
+			return false, nil
+		}
+	}
+	return true, nil
+}
+
+// Prefetch fills the blocks covering [off, off+n) that are not cached yet,
+// window by window, and returns when they are on disk. At most
+// Options.PrefetchConcurrency prefetch fills run at once across the cache;
+// demand reads never wait for that cap. Callers order and parallelise their
+// own prefetch queues (the replayer runs several Prefetch calls at once), and
+// should not prefetch more than MaxBytes ahead: prefetched windows are not
+// protected from eviction until read.
+func (b *Blob) Prefetch(ctx context.Context, off, n int64) error {
+	s := b.s
+	if off < 0 || n < 0 {
+		return fmt.Errorf("%w: %s: prefetch range [%d, +%d)", ErrInvalidBlob, s.dgst, off, n)
+	}
+	end := s.size
+	if n < s.size-off {
+		end = off + n
+	}
+	if off >= end || s.complete.Load() {
+		return nil
+	}
+	for w := s.window(off / s.bs); w <= s.window((end-1)/s.bs); w++ {
+		if !s.windowMissing(w) {
+			continue
+		}
+		select {
+		case b.c.prefetch <- struct{}{}:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		err := b.fill(ctx, w, false)
+		<-b.c.prefetch
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *blobState) windowMissing(w int64) bool {
+	first, end := s.windowBlocks(w)
+	for i := first; i < end; i++ {
+		if !s.has(i) {
+			return true
+		}
+	}
+	return false
+}

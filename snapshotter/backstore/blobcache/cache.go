@@ -1,0 +1,247 @@
+// Package blobcache is the block backstore's on-disk cache of registry blobs.
+// It serves random reads of a blob from a local sparse file and fetches what
+// it lacks through a Fetcher (the registry), an aligned refill window
+// (default 256 KiB) around the missing block (default 64 KiB) at a time.
+//
+// Layout: one sparse data file and one meta file per blob, keyed by digest
+// (<dir>/<algorithm>/<hex>.data and .meta). The meta file is the persisted
+// presence map: a mark per block and a CRC32C per 4 KiB page (see meta.go for
+// the format and the crash ordering; a mark reaches the disk only after the
+// block's data was fdatasynced). Every read checks the pages it touches
+// against their CRCs, so bytes corrupted on disk are fetched again rather than
+// served. When the last block of a blob arrives, the whole blob is hashed in
+// the background and, if it matches the digest, flagged complete; if not,
+// all of it is dropped.
+//
+// Concurrency: hits take no lock; misses on the same refill window coalesce
+// into one fetch. Prefetch fills are capped (Options.PrefetchConcurrency) and
+// demand fills are not, so demand reads never queue behind prefetch.
+//
+// Eviction: when MaxBytes is set, cached data is kept under it by a CLOCK
+// (second-chance) sweep over the refill windows of all blobs, an
+// approximation of LRU that costs a reader only an atomic bit test. Evicted
+// windows are punched out of the data file (FALLOC_FL_PUNCH_HOLE).
+package blobcache
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sys/unix"
+)
+
+// Errors returned (wrapped) by this package.
+var (
+	ErrClosed         = errors.New("blobcache: cache closed")
+	ErrOptions        = errors.New("blobcache: invalid options")
+	ErrLocked         = errors.New("blobcache: directory in use by another process")
+	ErrInvalidBlob    = errors.New("blobcache: invalid blob")
+	ErrSizeMismatch   = errors.New("blobcache: blob size differs from the cached one")
+	ErrFetch          = errors.New("blobcache: fetch failed")
+	ErrCorrupt        = errors.New("blobcache: block corrupt after refetch")
+	ErrDigestMismatch = errors.New("blobcache: blob content does not match its digest")
+	ErrIncomplete     = errors.New("blobcache: blob not fully cached")
+	ErrInvalidMeta    = errors.New("blobcache: invalid meta file")
+)
+
+// Defaults for the zero values of Options (upstream overlaybd's cacheConfig).
+const (
+	DefaultBlockSize           = 64 << 10
+	DefaultRefillSize          = 256 << 10
+	DefaultPrefetchConcurrency = 8
+	maxRefillSize              = 64 << 20
+)
+
+// Fetcher reads a blob's bytes from its source. registry.Repository
+// implements it.
+type Fetcher interface {
+	// FetchRange fills p with the bytes [off, off+len(p)) of blob dgst, or
+	// fails; it never returns nil with p partly filled.
+	FetchRange(ctx context.Context, dgst digest.Digest, off int64, p []byte) error
+}
+
+// FetcherFunc adapts a function to Fetcher.
+type FetcherFunc func(ctx context.Context, dgst digest.Digest, off int64, p []byte) error
+
+// FetchRange calls f.
+func (f FetcherFunc) FetchRange(ctx context.Context, dgst digest.Digest, off int64, p []byte) error {
+	return f(ctx, dgst, off, p)
+}
+
+// Options configures a Cache. Zero values take the defaults.
+type Options struct {
+	// BlockSize is the unit of presence (checksums are per 4 KiB page): a
+	// power of two, 4 KiB to 16 MiB. Blobs cached with another block size
+	// are discarded at Open.
+	BlockSize int64
+	// RefillSize is what a miss fetches: the aligned window around the
+	// missing block. A multiple of BlockSize, at most 64 MiB.
+	RefillSize int64
+	// MaxBytes bounds the cached block data (meta files not counted);
+	// 0 means unbounded. When set it must be at least 4 refill windows. It
+	// is exceeded only briefly, by windows readers are filling right then.
+	MaxBytes int64
+	// PrefetchConcurrency caps fills started by Prefetch. Keep it below the
+	// fetcher's per-host connection cap (registry: 16) so that demand reads,
+	// which are never capped here, always find a free connection.
+	PrefetchConcurrency int
+}
+
+func (o Options) withDefaults() (Options, error) {
+	if o.BlockSize == 0 {
+		o.BlockSize = DefaultBlockSize
+	}
+	if o.RefillSize == 0 {
+		o.RefillSize = max(DefaultRefillSize, o.BlockSize)
+	}
+	if o.PrefetchConcurrency <= 0 {
+		o.PrefetchConcurrency = DefaultPrefetchConcurrency
+	}
+	switch {
+	case !validBlockSize(o.BlockSize):
+		return o, fmt.Errorf("%w: block size %d is not a power of two in [%d, %d]", ErrOptions, o.BlockSize, minBlockSize, maxBlockSize)
+	case o.RefillSize < o.BlockSize || o.RefillSize%o.BlockSize != 0 || o.RefillSize > maxRefillSize:
+		return o, fmt.Errorf("%w: refill size %d is not a multiple of the block size %d up to %d", ErrOptions, o.RefillSize, o.BlockSize, maxRefillSize)
+	case o.MaxBytes < 0 || (o.MaxBytes > 0 && o.MaxBytes < 4*o.RefillSize):
+		return o, fmt.Errorf("%w: max bytes %d is below 4 refill windows (%d)", ErrOptions, o.MaxBytes, 4*o.RefillSize)
+	}
+	return o, nil
+}
+
+// Cache is a directory of cached blobs. It is safe for concurrent use.
+type Cache struct {
+	dir  string
+	opts Options
+	lock *os.File // flock held while open
+
+	mu     sync.Mutex
+	blobs  map[digest.Digest]*blobState
+	order  []*blobState // creation order; the eviction hand walks it
+	closed atomic.Bool
+
+	used       atomic.Int64 // bytes of cached blocks, all blobs
+	prefetch   chan struct{}
+	background sync.WaitGroup // digest checks and mark flushers
+	refillPool sync.Pool      // *[]byte of RefillSize
+	blockPool  sync.Pool      // *[]byte of BlockSize
+
+	evictMu sync.Mutex
+	hand    struct {
+		blob int
+		win  int64
+	}
+
+	stats   counters
+	metrics metrics
+}
+
+// Open opens (creating if needed) the cache in dir, reloading what earlier
+// runs cached. Only one Cache may have dir open at a time, across processes.
+func Open(dir string, opts Options) (*Cache, error) {
+	opts, err := opts.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("blobcache: %w", err)
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("blobcache: %w", err)
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("%w: %s: %w", ErrLocked, dir, err)
+	}
+	c := &Cache{
+		dir:      dir,
+		opts:     opts,
+		lock:     lock,
+		blobs:    make(map[digest.Digest]*blobState),
+		prefetch: make(chan struct{}, opts.PrefetchConcurrency),
+		metrics:  newMetrics(),
+	}
+	c.refillPool.New = func() any { b := make([]byte, opts.RefillSize); return &b }
+	c.blockPool.New = func() any { b := make([]byte, opts.BlockSize); return &b }
+	if err := c.load(); err != nil {
+		c.closeFiles()
+		return nil, err
+	}
+	c.evict()
+	return c, nil
+}
+
+// Blob returns a reader of blob dgst, whose size is size, fetching what is
+// not cached through f. Handles of one blob share its cached blocks and may
+// use different fetchers (say, two mirrors).
+func (c *Cache) Blob(dgst digest.Digest, size int64, f Fetcher) (*Blob, error) {
+	if err := dgst.Validate(); err != nil {
+		return nil, fmt.Errorf("%w: digest %q: %w", ErrInvalidBlob, dgst, err)
+	}
+	if size < 0 || size > maxBlobSize {
+		return nil, fmt.Errorf("%w: %s: size %d outside [0, %d]", ErrInvalidBlob, dgst, size, int64(maxBlobSize))
+	}
+	if f == nil {
+		return nil, fmt.Errorf("%w: %s: nil fetcher", ErrInvalidBlob, dgst)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed.Load() {
+		return nil, ErrClosed
+	}
+	s := c.blobs[dgst]
+	if s == nil {
+		var err error
+		if s, err = c.createBlob(dgst, size); err != nil {
+			return nil, err
+		}
+		c.blobs[dgst] = s
+		c.order = append(c.order, s)
+	} else if s.size != size {
+		return nil, fmt.Errorf("%w: %s: asked %d bytes, cached as %d", ErrSizeMismatch, dgst, size, s.size)
+	}
+	return &Blob{c: c, s: s, f: f}, nil
+}
+
+// Close waits for background digest checks and mark flushers, syncs the
+// meta files and releases the directory. Reads must have returned before Close is called.
+func (c *Cache) Close() error {
+	c.mu.Lock()
+	wasClosed := c.closed.Swap(true)
+	c.mu.Unlock()
+	if wasClosed {
+		return nil
+	}
+	c.background.Wait()
+	return c.closeFiles()
+}
+
+func (c *Cache) closeFiles() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var errs []error
+	for _, s := range c.order {
+		errs = append(errs, s.meta.Sync(), s.meta.Close(), s.data.Close())
+	}
+	errs = append(errs, c.lock.Close())
+	return errors.Join(errs...)
+}
+
+// Usage is the number of bytes of cached block data.
+func (c *Cache) Usage() int64 { return c.used.Load() }
+
+func (c *Cache) paths(dgst digest.Digest) (data, meta string) {
+	base := filepath.Join(c.dir, string(dgst.Algorithm()), dgst.Encoded())
+	return base + ".data", base + ".meta"
+}
+
+func (c *Cache) getRefill() *[]byte  { return c.refillPool.Get().(*[]byte) }
+func (c *Cache) putRefill(b *[]byte) { c.refillPool.Put(b) }
+func (c *Cache) getBlock() *[]byte   { return c.blockPool.Get().(*[]byte) }
+func (c *Cache) putBlock(b *[]byte)  { c.blockPool.Put(b) }

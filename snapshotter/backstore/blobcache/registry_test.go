@@ -1,0 +1,87 @@
+package blobcache_test
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"testing"
+	"time"
+
+	testreg "github.com/obdtrace/obdtrace/internal/testutil/registry"
+	"github.com/obdtrace/obdtrace/snapshotter/backstore/blobcache"
+	"github.com/obdtrace/obdtrace/snapshotter/backstore/registry"
+)
+
+var _ blobcache.Fetcher = (*registry.Repository)(nil)
+
+// TestCacheOverRealRegistry reads the upstream overlaybd layer through the
+// cache from a real registry, then again after a restart with the registry
+// gone: both must equal the blob file byte for byte.
+func TestCacheOverRealRegistry(t *testing.T) {
+	srv := testreg.Start(t, testreg.Options{})
+	ref := srv.PushHelloWorld(t)
+	client, err := registry.New(registry.Options{
+		PlainHTTP:   []string{srv.Host},
+		Credentials: func(string) (string, string, error) { return "", "", nil },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	img, err := client.Resolve(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	layer := img.Layers[0]
+	want, err := os.ReadFile(testreg.BlobPath(testreg.HelloWorldOCI(t), layer.Digest.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	cache, err := blobcache.Open(dir, blobcache.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, err := cache.Blob(layer.Digest, layer.Size, img.Repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, layer.Size)
+	for off := int64(0); off < layer.Size; off += 100 * 1000 { // unaligned reads
+		n := min(100*1000, layer.Size-off)
+		if _, err := blob.ReadAtContext(ctx, got[off:off+n], off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("cached read differs from the blob file")
+	}
+	if err := cache.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if st := cache.Stats(); st.Fetches != (layer.Size+blobcache.DefaultRefillSize-1)/blobcache.DefaultRefillSize {
+		t.Errorf("%d fetches for a %d-byte blob", st.Fetches, layer.Size)
+	}
+
+	cache, err = blobcache.Open(dir, blobcache.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cache.Close()
+	dead, err := client.RepositoryFromBlobURL("http://127.0.0.1:1/v2/gone/blobs")
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, err = cache.Blob(layer.Digest, layer.Size, dead)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !blob.Complete() {
+		t.Error("layer not complete after a full read")
+	}
+	clear(got)
+	if _, err := blob.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("read after restart without a registry: %v", err)
+	}
+}

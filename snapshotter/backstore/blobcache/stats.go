@@ -1,0 +1,139 @@
+package blobcache
+
+import (
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+type counters struct {
+	hits, misses, coalesced   atomic.Int64
+	fetches, fetched, served  atomic.Int64
+	fetchErrors, ioErrors     atomic.Int64
+	corrupt, digestMismatches atomic.Int64
+	evicted, discarded        atomic.Int64
+	demandFetches, demandNS   atomic.Int64
+}
+
+type blobCounters struct {
+	hits, misses, fetched, served atomic.Int64
+}
+
+// Stats are cache-wide counters since Open. Block lookups count once per
+// block a read touches.
+type Stats struct {
+	Hits             int64 // block lookups served from disk
+	Misses           int64 // block lookups that needed a fetch
+	Coalesced        int64 // fills that joined a fetch already in flight
+	Fetches          int64 // range fetches completed (demand and prefetch)
+	BytesFetched     int64
+	BytesServed      int64
+	FetchErrors      int64
+	IOErrors         int64 // local disk errors while evicting
+	CorruptBlocks    int64 // blocks that failed their CRC and were dropped
+	DigestMismatches int64 // complete blobs whose bytes hashed wrong
+	EvictedBytes     int64
+	DiscardedBlobs   int64 // damaged or incompatible cache files removed at Open
+	UsedBytes        int64 // cached block data now
+	MaxBytes         int64 // the configured bound (0 = none)
+	// DemandFetches and DemandFetchTime are the count and total latency of
+	// fetches a read waited for (it led them; coalesced waits not counted).
+	DemandFetches   int64
+	DemandFetchTime time.Duration
+}
+
+// Stats returns a snapshot of the cache's counters.
+func (c *Cache) Stats() Stats {
+	return Stats{
+		Hits: c.stats.hits.Load(), Misses: c.stats.misses.Load(), Coalesced: c.stats.coalesced.Load(),
+		Fetches: c.stats.fetches.Load(), BytesFetched: c.stats.fetched.Load(), BytesServed: c.stats.served.Load(),
+		FetchErrors: c.stats.fetchErrors.Load(), IOErrors: c.stats.ioErrors.Load(),
+		CorruptBlocks: c.stats.corrupt.Load(), DigestMismatches: c.stats.digestMismatches.Load(),
+		EvictedBytes: c.stats.evicted.Load(), DiscardedBlobs: c.stats.discarded.Load(),
+		UsedBytes: c.used.Load(), MaxBytes: c.opts.MaxBytes,
+		DemandFetches: c.stats.demandFetches.Load(), DemandFetchTime: time.Duration(c.stats.demandNS.Load()),
+	}
+}
+
+func (c *Cache) observeDemandFetch(d time.Duration) {
+	c.stats.demandFetches.Add(1)
+	c.stats.demandNS.Add(int64(d))
+	c.metrics.latency.Observe(d.Seconds())
+}
+
+// BlobStats are one blob's counters since Open, shared by all its handles.
+type BlobStats struct {
+	Size, CachedBytes         int64
+	Complete                  bool
+	Hits, Misses              int64
+	BytesFetched, BytesServed int64
+}
+
+// Stats returns a snapshot of the blob's counters.
+func (b *Blob) Stats() BlobStats {
+	s := b.s
+	return BlobStats{
+		Size: s.size, CachedBytes: s.cached.Load(), Complete: s.complete.Load(),
+		Hits: s.stats.hits.Load(), Misses: s.stats.misses.Load(),
+		BytesFetched: s.stats.fetched.Load(), BytesServed: s.stats.served.Load(),
+	}
+}
+
+// metrics holds the Prometheus descriptors of a Cache.
+type metrics struct {
+	latency prometheus.Histogram
+	descs   []metricDesc
+}
+
+type metricDesc struct {
+	desc  *prometheus.Desc
+	typ   prometheus.ValueType
+	value func(Stats) float64
+}
+
+func newMetrics() metrics {
+	d := func(name, help string, typ prometheus.ValueType, v func(Stats) float64) metricDesc {
+		return metricDesc{prometheus.NewDesc("obd_blobcache_"+name, help, nil, nil), typ, v}
+	}
+	c, g := prometheus.CounterValue, prometheus.GaugeValue
+	return metrics{
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "obd_blobcache_demand_fetch_seconds",
+			Help:    "Latency of registry fetches that a read waited for.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16),
+		}),
+		descs: []metricDesc{
+			d("hits_total", "Block lookups served from the cache.", c, func(s Stats) float64 { return float64(s.Hits) }),
+			d("misses_total", "Block lookups that needed a fetch.", c, func(s Stats) float64 { return float64(s.Misses) }),
+			d("coalesced_total", "Fills that joined a fetch in flight.", c, func(s Stats) float64 { return float64(s.Coalesced) }),
+			d("fetches_total", "Range fetches completed.", c, func(s Stats) float64 { return float64(s.Fetches) }),
+			d("fetched_bytes_total", "Bytes fetched from the source.", c, func(s Stats) float64 { return float64(s.BytesFetched) }),
+			d("served_bytes_total", "Bytes returned to readers.", c, func(s Stats) float64 { return float64(s.BytesServed) }),
+			d("fetch_errors_total", "Fills that failed.", c, func(s Stats) float64 { return float64(s.FetchErrors) }),
+			d("io_errors_total", "Local disk errors while evicting.", c, func(s Stats) float64 { return float64(s.IOErrors) }),
+			d("corrupt_blocks_total", "Cached blocks that failed their checksum.", c, func(s Stats) float64 { return float64(s.CorruptBlocks) }),
+			d("digest_mismatches_total", "Fully cached blobs that failed their digest.", c, func(s Stats) float64 { return float64(s.DigestMismatches) }),
+			d("evicted_bytes_total", "Bytes evicted to stay under the size bound.", c, func(s Stats) float64 { return float64(s.EvictedBytes) }),
+			d("used_bytes", "Bytes of cached block data.", g, func(s Stats) float64 { return float64(s.UsedBytes) }),
+			d("max_bytes", "Configured bound on cached data (0 = none).", g, func(s Stats) float64 { return float64(s.MaxBytes) }),
+		},
+	}
+}
+
+// Describe implements prometheus.Collector.
+func (c *Cache) Describe(ch chan<- *prometheus.Desc) {
+	for _, m := range c.metrics.descs {
+		ch <- m.desc
+	}
+	c.metrics.latency.Describe(ch)
+}
+
+// Collect implements prometheus.Collector.
+func (c *Cache) Collect(ch chan<- prometheus.Metric) {
+	st := c.Stats()
+	for _, m := range c.metrics.descs {
+		ch <- prometheus.MustNewConstMetric(m.desc, m.typ, m.value(st))
+	}
+	c.metrics.latency.Collect(ch)
+}
