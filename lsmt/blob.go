@@ -62,3 +62,22 @@ func (b *Blob) Close() error {
 	}
 	return nil
 }
+
+// BlobRange returns the byte range [start, end) of the blob that holds the
+// layer bytes [off, off+n) of the LSMT byte space: through the ZFile jump
+// table when compressed, shifted by the tar wrapper's payload offset. It is
+// what a prefetcher fetches to make those layer bytes local.
+func (b *Blob) BlobRange(off, n int64) (start, end int64, err error) {
+	if off < 0 || n < 0 || off >= b.Layer.Size() {
+		return 0, 0, fmt.Errorf("lsmt: range [%d, +%d) outside the %d-byte layer", off, n, b.Layer.Size())
+	}
+	n = min(n, b.Layer.Size()-off)
+	if b.ZFile == nil {
+		return b.PayloadOffset + off, b.PayloadOffset + off + n, nil
+	}
+	start, end, err = b.ZFile.CompressedRange(off, n)
+	if err != nil {
+		return 0, 0, err
+	}
+	return b.PayloadOffset + start, b.PayloadOffset + end, nil
+}

@@ -102,3 +102,72 @@ func TestBlobRoundTrip(t *testing.T) {
 		}
 	}
 }
+
+// TestBlobRange checks that the blob range named for layer bytes is enough
+// to read them: with every other byte of the compressed data area
+// overwritten, reading those layer bytes still succeeds (block CRCs would
+// catch anything read from outside the range).
+func TestBlobRange(t *testing.T) {
+	dir := t.TempDir()
+	w, err := lsmt.CreateWritable(filepath.Join(dir, "d"), filepath.Join(dir, "i"), lsmt.WritableOptions{VirtualSize: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	if _, err := w.WriteAt(bytes.Repeat([]byte("0123456789abcdef"), 4<<16), 0); err != nil {
+		t.Fatal(err)
+	}
+	var committed, z, blob bytes.Buffer
+	if err := w.Commit(&committed, lsmt.CommitArgs{}); err != nil {
+		t.Fatal(err)
+	}
+	zw, err := zfile.NewWriter(&z, zfile.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	zw.Write(committed.Bytes())
+	zw.Close()
+	if err := tarwrap.Write(&blob, "overlaybd.commit", &z, int64(z.Len())); err != nil {
+		t.Fatal(err)
+	}
+	b, err := lsmt.OpenBlob(bytes.NewReader(blob.Bytes()), int64(blob.Len()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	dataStart := b.PayloadOffset + 512
+	layout := b.ZFile.Header()
+	if tr, ok := b.ZFile.Trailer(); ok {
+		layout = tr
+	}
+	dataEnd := b.PayloadOffset + int64(layout.IndexOffset)
+	rng := rand.New(rand.NewPCG(7, 7))
+	for range 50 {
+		off := rng.Int64N(b.Size() - 1)
+		n := min(1+rng.Int64N(200000), b.Size()-off)
+		start, end, err := b.BlobRange(off, n)
+		if err != nil || start < dataStart || end > dataEnd || start >= end {
+			t.Fatalf("BlobRange(%d, %d) = [%d, %d), %v; data area [%d, %d)", off, n, start, end, err, dataStart, dataEnd)
+		}
+		damaged := bytes.Clone(blob.Bytes())
+		for i := dataStart; i < dataEnd; i++ {
+			if i < start || i >= end {
+				damaged[i] = 0xA5
+			}
+		}
+		zr, err := zfile.NewReader(io.NewSectionReader(bytes.NewReader(damaged), b.PayloadOffset, b.PayloadSize), b.PayloadSize)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, n)
+		if _, err := zr.ReadAt(got, off); err != nil {
+			t.Fatalf("layer bytes [%d, +%d) need more than blob range [%d, %d): %v", off, n, start, end, err)
+		}
+		if !bytes.Equal(got, committed.Bytes()[off:off+n]) {
+			t.Fatalf("layer bytes [%d, +%d) differ", off, n)
+		}
+	}
+	if _, _, err := b.BlobRange(b.Size(), 1); err == nil {
+		t.Error("range past the layer accepted")
+	}
+}

@@ -1,0 +1,198 @@
+package replayer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/obdtrace/obdtrace/trace"
+)
+
+// BlobRanger translates a range of a layer's LSMT byte space into the range
+// of its blob that holds it. *lsmt.Blob implements it.
+type BlobRanger interface {
+	BlobRange(off, n int64) (start, end int64, err error)
+}
+
+// Prefetcher makes a range of a blob local. *blobcache.Blob implements it.
+type Prefetcher interface {
+	Prefetch(ctx context.Context, off, n int64) error
+}
+
+// Layer is one layer of the mounted image, listed bottom first as the
+// device stacks them (the baselayer, when present, is layer 0).
+type Layer struct {
+	Digest    digest.Digest
+	LayerSize int64 // size of the LSMT byte space, for bounds checks
+	BlobSize  int64 // size of the blob, for the full-fetch phase
+	Ranges    BlobRanger
+	Blob      Prefetcher
+}
+
+// ErrNoMatch is returned when no frame of a trace belongs to the image.
+var ErrNoMatch = errors.New("replayer: trace shares no layer with the image")
+
+// Range is one prefetch unit: bytes [Start, End) of layer Layer's blob.
+type Range struct {
+	Layer      int
+	Start, End int64
+}
+
+// PlanStats say how a trace mapped onto an image.
+type PlanStats struct {
+	Frames        int   // frames in the trace
+	Matched       int   // frames whose layer the image has
+	Unmatched     int   // frames of layers the image lacks (by digest)
+	OutOfRange    int   // frames beyond their layer's size, dropped
+	Truncated     int   // frames dropped by Options.MaxFrames
+	LayersMatched int   // trace layers found in the image
+	Ranges        int   // prefetch ranges after coalescing
+	Bytes         int64 // blob bytes the ranges cover
+}
+
+// Plan is the ordered prefetch work for one image.
+type Plan struct {
+	Ranges []Range
+	Stats  PlanStats
+}
+
+// NewPlan maps t onto layers. Trace layers are matched by digest; a trace
+// layer without a digest (an upstream binary trace) matches the image layer
+// at the same position, as upstream replays. Bad frames are dropped and
+// counted, never fatal: a trace must not fail a mount.
+func NewPlan(t *trace.Trace, layers []Layer, opts Options) (*Plan, error) {
+	opts = opts.withDefaults()
+	match := matchLayers(t, layers)
+	p := &Plan{}
+	p.Stats.Frames = len(t.Frames)
+	for _, m := range match {
+		if m >= 0 {
+			p.Stats.LayersMatched++
+		}
+	}
+	c := newCoalescer(len(layers), opts.MergeSize, opts.MergeGap)
+	for i, f := range t.Frames {
+		if opts.MaxFrames > 0 && i >= opts.MaxFrames {
+			p.Stats.Truncated = len(t.Frames) - i
+			break
+		}
+		img := -1
+		if f.Layer >= 0 && f.Layer < len(match) {
+			img = match[f.Layer]
+		}
+		if img < 0 {
+			p.Stats.Unmatched++
+			continue
+		}
+		l := layers[img]
+		if f.Offset < 0 || f.Length <= 0 || f.Offset >= l.LayerSize || f.Length > l.LayerSize-f.Offset {
+			p.Stats.OutOfRange++
+			continue
+		}
+		start, end, err := l.Ranges.BlobRange(f.Offset, f.Length)
+		if err != nil {
+			p.Stats.OutOfRange++
+			continue
+		}
+		p.Stats.Matched++
+		c.add(Range{Layer: img, Start: start, End: end})
+	}
+	p.Ranges = c.ranges
+	p.Stats.Ranges = len(p.Ranges)
+	for _, r := range p.Ranges {
+		p.Stats.Bytes += r.End - r.Start
+	}
+	if p.Stats.Matched == 0 && p.Stats.Frames > 0 {
+		return p, fmt.Errorf("%w: %d frames, %d of %d trace layers found", ErrNoMatch,
+			p.Stats.Frames, p.Stats.LayersMatched, len(t.Layers))
+	}
+	return p, nil
+}
+
+// matchLayers returns, for each trace layer, the image layer it is (or -1).
+// Frames may name layers beyond t.Layers when a binary trace came without
+// a layer list; those match by position.
+func matchLayers(t *trace.Trace, layers []Layer) []int {
+	n := len(t.Layers)
+	for _, f := range t.Frames {
+		n = max(n, f.Layer+1)
+	}
+	n = min(n, trace.MaxLayers)
+	byDigest := make(map[digest.Digest]int, len(layers))
+	for i, l := range layers {
+		if l.Digest != "" {
+			byDigest[l.Digest] = i
+		}
+	}
+	match := make([]int, n)
+	for i := range match {
+		match[i] = -1
+		if i < len(t.Layers) && t.Layers[i].Digest != "" {
+			if j, ok := byDigest[t.Layers[i].Digest]; ok {
+				match[i] = j
+			}
+			continue
+		}
+		if i < len(layers) {
+			match[i] = i
+		}
+	}
+	return match
+}
+
+// coalescer builds the ordered range list: a range merges into the one
+// before it when both are of the same blob, they overlap or lie within
+// MergeGap, and the result stays within MergeSize; ranges already covered by
+// earlier ones are dropped.
+type coalescer struct {
+	ranges    []Range
+	covered   []intervals // per layer
+	mergeSize int64
+	mergeGap  int64
+}
+
+func newCoalescer(layers int, mergeSize, mergeGap int64) *coalescer {
+	return &coalescer{covered: make([]intervals, layers), mergeSize: mergeSize, mergeGap: mergeGap}
+}
+
+func (c *coalescer) add(r Range) {
+	cov := &c.covered[r.Layer]
+	if cov.contains(r.Start, r.End) {
+		return
+	}
+	cov.add(r.Start, r.End)
+	if n := len(c.ranges); n > 0 {
+		last := &c.ranges[n-1]
+		lo, hi := min(last.Start, r.Start), max(last.End, r.End)
+		if last.Layer == r.Layer && r.Start <= last.End+c.mergeGap && last.Start <= r.End+c.mergeGap &&
+			hi-lo <= c.mergeSize {
+			last.Start, last.End = lo, hi
+			return
+		}
+	}
+	c.ranges = append(c.ranges, r)
+}
+
+// intervals is a sorted set of disjoint half-open intervals.
+type intervals struct{ starts, ends []int64 }
+
+func (s *intervals) contains(start, end int64) bool {
+	i := sort.Search(len(s.ends), func(i int) bool { return s.ends[i] >= end })
+	return i < len(s.starts) && s.starts[i] <= start
+}
+
+func (s *intervals) add(start, end int64) {
+	// The first interval that ends at or after start may merge; so may the
+	// ones after it up to the first that starts after end.
+	i := sort.Search(len(s.ends), func(i int) bool { return s.ends[i] >= start })
+	j := i
+	for j < len(s.starts) && s.starts[j] <= end {
+		start, end = min(start, s.starts[j]), max(end, s.ends[j])
+		j++
+	}
+	s.starts = append(s.starts[:i], append([]int64{start}, s.starts[j:]...)...)
+	s.ends = append(s.ends[:i], append([]int64{end}, s.ends[j:]...)...)
+}

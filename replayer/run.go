@@ -1,0 +1,166 @@
+package replayer
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/time/rate"
+)
+
+// Defaults, as upstream's prefetcher where it has one.
+const (
+	DefaultWorkers        = 16
+	DefaultMergeSize      = 1 << 20
+	DefaultMergeGap       = 64 << 10
+	DefaultFullFetchChunk = 4 << 20
+	// DefaultFullFetchWorkers keeps the background phase light: it runs
+	// after start-up, beside the application's own reads.
+	DefaultFullFetchWorkers = 4
+)
+
+// Options tune planning and replay. Zero values take the defaults.
+type Options struct {
+	Workers   int   // concurrent prefetch ranges (upstream: 16)
+	MergeSize int64 // largest range coalescing may build
+	MergeGap  int64 // ranges of one blob this close are joined
+	MaxFrames int   // frames beyond this are dropped and counted; 0 = all
+	// BytesPerSecond caps the trace phase's fetching; 0 = no cap.
+	BytesPerSecond int64
+	// FullFetch fetches the rest of every layer after the trace phase.
+	FullFetch bool
+	// FullFetchBytesPerSecond caps the full-fetch phase; 0 = no cap.
+	FullFetchBytesPerSecond int64
+	FullFetchWorkers        int
+	FullFetchChunk          int64
+}
+
+func (o Options) withDefaults() Options {
+	if o.Workers <= 0 {
+		o.Workers = DefaultWorkers
+	}
+	if o.MergeSize <= 0 {
+		o.MergeSize = DefaultMergeSize
+	}
+	if o.MergeGap < 0 {
+		o.MergeGap = 0
+	} else if o.MergeGap == 0 {
+		o.MergeGap = DefaultMergeGap
+	}
+	if o.FullFetchWorkers <= 0 {
+		o.FullFetchWorkers = DefaultFullFetchWorkers
+	}
+	if o.FullFetchChunk <= 0 {
+		o.FullFetchChunk = DefaultFullFetchChunk
+	}
+	return o
+}
+
+// Stats count a replay's progress. They are safe to read while it runs.
+type Stats struct {
+	RangesDone   atomic.Int64
+	RangesFailed atomic.Int64
+	Bytes        atomic.Int64 // blob bytes of completed trace ranges
+	FullBytes    atomic.Int64 // blob bytes of completed full-fetch chunks
+	// TraceDone is the time from the start of Run to the last trace range
+	// completing, in ns; 0 while the trace phase runs.
+	TraceDone atomic.Int64
+	// FullDone likewise for the full-fetch phase.
+	FullDone atomic.Int64
+}
+
+// Run fetches the plan's ranges in order with opts.Workers workers, then,
+// when opts.FullFetch is set, every layer's whole blob in chunks. It returns
+// when done or when ctx ends (the device went away); a failed range is
+// counted and skipped, since a demand read will fetch it if it is needed.
+func (p *Plan) Run(ctx context.Context, layers []Layer, opts Options, stats *Stats) error {
+	opts = opts.withDefaults()
+	begin := time.Now()
+	run := func(work []Range, workers int, bps int64, bytes *atomic.Int64) {
+		limiter := newLimiter(bps, opts.MergeSize)
+		queue := make(chan Range)
+		var wg sync.WaitGroup
+		for range workers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for r := range queue {
+					if err := fetch(ctx, limiter, layers[r.Layer].Blob, r, opts.MergeSize); err != nil {
+						if ctx.Err() == nil {
+							stats.RangesFailed.Add(1)
+						}
+						continue
+					}
+					stats.RangesDone.Add(1)
+					bytes.Add(r.End - r.Start)
+				}
+			}()
+		}
+	feed:
+		for _, r := range work {
+			select {
+			case queue <- r:
+			case <-ctx.Done():
+				break feed
+			}
+		}
+		close(queue)
+		wg.Wait()
+	}
+	run(p.Ranges, opts.Workers, opts.BytesPerSecond, &stats.Bytes)
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	stats.TraceDone.Store(max(1, int64(time.Since(begin))))
+	if !opts.FullFetch {
+		return nil
+	}
+	run(fullFetchRanges(layers, opts.FullFetchChunk), opts.FullFetchWorkers, opts.FullFetchBytesPerSecond, &stats.FullBytes)
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	stats.FullDone.Store(max(1, int64(time.Since(begin))))
+	return nil
+}
+
+// fullFetchRanges cuts every layer's blob into chunks, top layer first:
+// upper layers hold what the image changed last, which is the likeliest to
+// be read.
+func fullFetchRanges(layers []Layer, chunk int64) []Range {
+	var out []Range
+	for i := len(layers) - 1; i >= 0; i-- {
+		for off := int64(0); off < layers[i].BlobSize; off += chunk {
+			out = append(out, Range{Layer: i, Start: off, End: min(off+chunk, layers[i].BlobSize)})
+		}
+	}
+	return out
+}
+
+func newLimiter(bps, burst int64) *rate.Limiter {
+	if bps <= 0 {
+		return nil
+	}
+	return rate.NewLimiter(rate.Limit(bps), int(max(burst, 64<<10)))
+}
+
+// fetch prefetches r, waiting for the limiter in pieces no larger than its
+// burst so a cap holds for large ranges too.
+func fetch(ctx context.Context, limiter *rate.Limiter, blob Prefetcher, r Range, piece int64) error {
+	if limiter == nil {
+		return blob.Prefetch(ctx, r.Start, r.End-r.Start)
+	}
+	piece = min(piece, int64(limiter.Burst()))
+	var errs []error
+	for off := r.Start; off < r.End; off += piece {
+		n := min(piece, r.End-off)
+		if err := limiter.WaitN(ctx, int(n)); err != nil {
+			return err
+		}
+		if err := blob.Prefetch(ctx, off, n); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
