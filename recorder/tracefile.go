@@ -8,7 +8,7 @@ import (
 	"os"
 
 	"github.com/obdtrace/obdtrace/recorder/image"
-	"github.com/obdtrace/obdtrace/recorder/internal/atomicfile"
+	"github.com/obdtrace/obdtrace/internal/atomicfile"
 	"github.com/obdtrace/obdtrace/trace"
 )
 
@@ -127,7 +127,7 @@ func WriteTraceFile(path string, t *trace.Trace, format Format) error {
 	if err != nil {
 		return err
 	}
-	return atomicfile.Write(path, 0o644, func(w io.Writer) error {
+	return atomicfile.WriteFunc(path, 0o644, func(w io.Writer) error {
 		_, err := w.Write(data)
 		return err
 	})

@@ -5,42 +5,47 @@
 package atomicfile
 
 import (
+	"bytes"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 )
 
 // Write atomically replaces path with data.
 func Write(path string, data []byte, perm os.FileMode) error {
+	return WriteFunc(path, perm, func(w io.Writer) error {
+		_, err := io.Copy(w, bytes.NewReader(data))
+		return err
+	})
+}
+
+// WriteFunc makes path hold what write writes, with mode perm, or leaves it
+// untouched when write or any step fails.
+func WriteFunc(path string, perm os.FileMode, write func(io.Writer) error) (err error) {
 	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
 		return fmt.Errorf("atomic write %s: %w", path, err)
 	}
-	ok := false
 	defer func() {
-		if !ok {
-			tmp.Close()
-			os.Remove(tmp.Name())
+		if err != nil {
+			f.Close()
+			os.Remove(f.Name())
 		}
 	}()
-	if _, err := tmp.Write(data); err != nil {
-		return fmt.Errorf("atomic write %s: %w", path, err)
+	if err = write(f); err != nil {
+		return err
 	}
-	if err := tmp.Chmod(perm); err != nil {
-		return fmt.Errorf("atomic write %s: %w", path, err)
+	for _, step := range []func() error{func() error { return f.Chmod(perm) }, f.Sync, f.Close,
+		func() error { return os.Rename(f.Name(), path) }} {
+		if err = step(); err != nil {
+			return fmt.Errorf("atomic write %s: %w", path, err)
+		}
 	}
-	if err := tmp.Sync(); err != nil {
-		return fmt.Errorf("atomic write %s: %w", path, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("atomic write %s: %w", path, err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("atomic write %s: %w", path, err)
-	}
-	ok = true
-	if d, err := os.Open(dir); err == nil {
+	// The rename is durable only once the directory is; failing that is not
+	// worth failing a write that readers already see.
+	if d, derr := os.Open(dir); derr == nil {
 		d.Sync()
 		d.Close()
 	}

@@ -19,7 +19,7 @@ import (
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
-	"github.com/obdtrace/obdtrace/recorder/internal/atomicfile"
+	"github.com/obdtrace/obdtrace/internal/atomicfile"
 )
 
 // MaxIndexSize bounds the index.json of a layout.
@@ -217,7 +217,7 @@ func (l *Layout) WriteBlob(ctx context.Context, desc ocispec.Descriptor, r io.Re
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return fmt.Errorf("image: %w", err)
 	}
-	return atomicfile.Write(path, 0o644, func(f io.Writer) error {
+	return atomicfile.WriteFunc(path, 0o644, func(f io.Writer) error {
 		v := desc.Digest.Verifier()
 		n, err := io.Copy(io.MultiWriter(f, v), io.LimitReader(r, desc.Size+1))
 		if err != nil {
@@ -251,7 +251,7 @@ func (l *Layout) PutManifest(ctx context.Context, ref string, desc ocispec.Descr
 	if err != nil {
 		return err
 	}
-	return atomicfile.Write(filepath.Join(l.dir, ocispec.ImageIndexFile), 0o644, func(f io.Writer) error {
+	return atomicfile.WriteFunc(filepath.Join(l.dir, ocispec.ImageIndexFile), 0o644, func(f io.Writer) error {
 		_, err := f.Write(data)
 		return err
 	})

@@ -14,7 +14,7 @@ import (
 	"golang.org/x/image/font/basicfont"
 	"golang.org/x/image/math/fixed"
 
-	"github.com/obdtrace/obdtrace/recorder/internal/atomicfile"
+	"github.com/obdtrace/obdtrace/internal/atomicfile"
 	"github.com/obdtrace/obdtrace/trace"
 )
 
@@ -328,5 +328,5 @@ func sign(v int) int {
 
 // SavePNG writes t's chart to path as a PNG, atomically.
 func SavePNG(path string, t *trace.Trace, opts PlotOptions) error {
-	return atomicfile.Write(path, 0o644, func(w io.Writer) error { return WritePNG(w, t, opts) })
+	return atomicfile.WriteFunc(path, 0o644, func(w io.Writer) error { return WritePNG(w, t, opts) })
 }
