@@ -7,8 +7,8 @@ import (
 	"io"
 	"os"
 
-	"github.com/obdtrace/obdtrace/recorder/image"
 	"github.com/obdtrace/obdtrace/internal/atomicfile"
+	"github.com/obdtrace/obdtrace/recorder/image"
 	"github.com/obdtrace/obdtrace/trace"
 )
 

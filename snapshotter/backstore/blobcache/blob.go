@@ -89,12 +89,12 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 // the block's window first if it is missing or fails its CRC.
 func (b *Blob) readBlock(ctx context.Context, i int64, dst []byte, inoff int64) error {
 	s := b.s
-	counted, pinned := false, false
+	counted, pinned, hit := false, false, false
 	for attempt, evicted := 0, 0; ; {
 		// A complete blob skips the presence map; its CRCs still guard reads.
 		present := s.complete.Load() || s.has(i)
 		if !counted {
-			counted = true
+			counted, hit = true, present
 			if present {
 				b.c.stats.hits.Add(1)
 				s.stats.hits.Add(1)
@@ -124,6 +124,13 @@ func (b *Blob) readBlock(ctx context.Context, i int64, dst []byte, inoff int64) 
 			return err
 		case res == readOK:
 			s.touch(s.window(i))
+			if s.unmarkPrefetched(i) {
+				if hit {
+					b.c.stats.prefetchHits.Add(1)
+				} else {
+					b.c.stats.prefetchLate.Add(1) // it waited for the prefetch in flight
+				}
+			}
 			return nil
 		case res == readEvicted:
 			// Lost a race with eviction; bounded so a cache far too small

@@ -322,6 +322,17 @@ func TestPrefetch(t *testing.T) {
 	if err := b.Prefetch(context.Background(), -1, 5); !errors.Is(err, ErrInvalidBlob) {
 		t.Errorf("bad range: %v", err)
 	}
+	// Windows 0..4 (1280 KiB) were prefetched; the read used 17 blocks of
+	// 64 KiB ([64K, 1152K)); the rest is unused prefetch.
+	st := c.Stats()
+	if st.PrefetchedBytes != 1280*kib || st.PrefetchHits != 17 || st.PrefetchUnusedBytes != (1280-17*64)*kib {
+		t.Errorf("prefetch stats: prefetched %d, hits %d, unused %d", st.PrefetchedBytes, st.PrefetchHits, st.PrefetchUnusedBytes)
+	}
+	// A second read of the same blocks is an ordinary hit.
+	b.ReadAt(make([]byte, 4096), 100*kib)
+	if st2 := c.Stats(); st2.PrefetchHits != 17 {
+		t.Errorf("re-read counted as a prefetch hit: %d", st2.PrefetchHits)
+	}
 }
 
 // TestDemandNotBehindPrefetch blocks every prefetch fetch and fills the

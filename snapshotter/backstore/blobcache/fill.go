@@ -57,6 +57,13 @@ func (b *Blob) fill(ctx context.Context, w int64, demand bool) error {
 		b.c.stats.fetchErrors.Add(1)
 		return call.err
 	}
+	if !demand {
+		for k, m := range missing {
+			if m {
+				s.markPrefetched(first + int64(k))
+			}
+		}
+	}
 	s.touch(w)
 	if s.cached.Load() == s.size && !s.complete.Load() {
 		b.c.verifyInBackground(s)

@@ -29,12 +29,17 @@ type blobState struct {
 	data    *os.File
 	meta    *os.File
 
-	layout   metaLayout
-	present  []atomic.Uint64 // one bit per block
-	crcs     []atomic.Uint32 // one per 4 KiB page
-	ref      []atomic.Uint64 // CLOCK referenced bit per window
-	complete atomic.Bool
-	cached   atomic.Int64 // bytes of present blocks
+	layout  metaLayout
+	present []atomic.Uint64 // one bit per block
+	// prefetched marks blocks a Prefetch fetched that no read has asked
+	// for yet: a demand read that finds one is a prefetch hit, and what is
+	// still marked is prefetch that has not paid off (so far). In memory
+	// only: it describes this run's prefetching.
+	prefetched []atomic.Uint64
+	crcs       []atomic.Uint32 // one per 4 KiB page
+	ref        []atomic.Uint64 // CLOCK referenced bit per window
+	complete   atomic.Bool
+	cached     atomic.Int64 // bytes of present blocks
 
 	mu        sync.Mutex
 	inflight  map[int64]*fillCall // by window
@@ -55,11 +60,12 @@ func (c *Cache) newState(dgst digest.Digest, size int64, data, meta *os.File) *b
 	return &blobState{
 		c: c, dgst: dgst, size: size, bs: bs, nblocks: n, bpw: bpw, nwin: nwin,
 		data: data, meta: meta, layout: layoutFor(size, bs),
-		present:  make([]atomic.Uint64, (n+63)/64),
-		crcs:     make([]atomic.Uint32, numBlocks(size, pageSize)),
-		ref:      make([]atomic.Uint64, (nwin+63)/64),
-		inflight: make(map[int64]*fillCall),
-		pins:     make(map[int64]int),
+		present:    make([]atomic.Uint64, (n+63)/64),
+		prefetched: make([]atomic.Uint64, (n+63)/64),
+		crcs:       make([]atomic.Uint32, numBlocks(size, pageSize)),
+		ref:        make([]atomic.Uint64, (nwin+63)/64),
+		inflight:   make(map[int64]*fillCall),
+		pins:       make(map[int64]int),
 	}
 }
 
@@ -202,6 +208,29 @@ func (s *blobState) blockLen(i int64) int64 { return min(s.bs, s.size-i*s.bs) }
 
 func (s *blobState) has(i int64) bool { return s.present[i/64].Load()&(1<<(i%64)) != 0 }
 
+// markPrefetched flags block i as fetched by prefetch and not yet read.
+func (s *blobState) markPrefetched(i int64) {
+	bit := uint64(1) << (i % 64)
+	if s.prefetched[i/64].Or(bit)&bit == 0 {
+		s.c.stats.prefetched.Add(s.blockLen(i))
+		s.c.stats.prefetchUnused.Add(s.blockLen(i))
+	}
+}
+
+// unmarkPrefetched clears block i's prefetch flag and reports whether it
+// was set.
+func (s *blobState) unmarkPrefetched(i int64) bool {
+	bit := uint64(1) << (i % 64)
+	if s.prefetched[i/64].Load()&bit == 0 {
+		return false // the common case, without a write to a shared word
+	}
+	if s.prefetched[i/64].And(^bit)&bit == 0 {
+		return false
+	}
+	s.c.stats.prefetchUnused.Add(-s.blockLen(i))
+	return true
+}
+
 func (s *blobState) window(block int64) int64 { return block / s.bpw }
 
 // windowBlocks returns the block range [first, end) of window w.
@@ -255,6 +284,7 @@ func (s *blobState) dropBlocks(first, end int64) (int64, error) {
 	for i := first; i < end; i++ {
 		if s.has(i) {
 			s.present[i/64].And(^(uint64(1) << (i % 64)))
+			s.unmarkPrefetched(i)
 			dropped += s.blockLen(i)
 		}
 	}

@@ -8,12 +8,14 @@ import (
 )
 
 type counters struct {
-	hits, misses, coalesced   atomic.Int64
-	fetches, fetched, served  atomic.Int64
-	fetchErrors, ioErrors     atomic.Int64
-	corrupt, digestMismatches atomic.Int64
-	evicted, discarded        atomic.Int64
-	demandFetches, demandNS   atomic.Int64
+	hits, misses, coalesced    atomic.Int64
+	fetches, fetched, served   atomic.Int64
+	fetchErrors, ioErrors      atomic.Int64
+	corrupt, digestMismatches  atomic.Int64
+	evicted, discarded         atomic.Int64
+	demandFetches, demandNS    atomic.Int64
+	prefetched, prefetchUnused atomic.Int64
+	prefetchHits, prefetchLate atomic.Int64
 }
 
 type blobCounters struct {
@@ -41,6 +43,15 @@ type Stats struct {
 	// fetches a read waited for (it led them; coalesced waits not counted).
 	DemandFetches   int64
 	DemandFetchTime time.Duration
+	// PrefetchedBytes were fetched by Prefetch. PrefetchHits counts blocks
+	// a read found already there thanks to prefetch; PrefetchLate, blocks a
+	// read had to wait for while their prefetch was in flight.
+	// PrefetchUnusedBytes were prefetched and not read (yet): wasted, once
+	// the workload is done.
+	PrefetchedBytes     int64
+	PrefetchHits        int64
+	PrefetchLate        int64
+	PrefetchUnusedBytes int64
 }
 
 // Stats returns a snapshot of the cache's counters.
@@ -53,6 +64,8 @@ func (c *Cache) Stats() Stats {
 		EvictedBytes: c.stats.evicted.Load(), DiscardedBlobs: c.stats.discarded.Load(),
 		UsedBytes: c.used.Load(), MaxBytes: c.opts.MaxBytes,
 		DemandFetches: c.stats.demandFetches.Load(), DemandFetchTime: time.Duration(c.stats.demandNS.Load()),
+		PrefetchedBytes: c.stats.prefetched.Load(), PrefetchHits: c.stats.prefetchHits.Load(),
+		PrefetchLate: c.stats.prefetchLate.Load(), PrefetchUnusedBytes: c.stats.prefetchUnused.Load(),
 	}
 }
 
@@ -116,6 +129,10 @@ func newMetrics() metrics {
 			d("digest_mismatches_total", "Fully cached blobs that failed their digest.", c, func(s Stats) float64 { return float64(s.DigestMismatches) }),
 			d("evicted_bytes_total", "Bytes evicted to stay under the size bound.", c, func(s Stats) float64 { return float64(s.EvictedBytes) }),
 			d("used_bytes", "Bytes of cached block data.", g, func(s Stats) float64 { return float64(s.UsedBytes) }),
+			d("prefetched_bytes_total", "Bytes fetched by prefetch.", c, func(s Stats) float64 { return float64(s.PrefetchedBytes) }),
+			d("prefetch_hits_total", "Blocks a read found cached thanks to prefetch.", c, func(s Stats) float64 { return float64(s.PrefetchHits) }),
+			d("prefetch_late_total", "Blocks a read waited for while their prefetch was in flight.", c, func(s Stats) float64 { return float64(s.PrefetchLate) }),
+			d("prefetch_unused_bytes", "Prefetched bytes no read has asked for (yet).", g, func(s Stats) float64 { return float64(s.PrefetchUnusedBytes) }),
 			d("max_bytes", "Configured bound on cached data (0 = none).", g, func(s Stats) float64 { return float64(s.MaxBytes) }),
 		},
 	}

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/obdtrace/obdtrace/internal/testutil/registry"
+	"github.com/obdtrace/obdtrace/internal/testutil/testdata"
+	"github.com/obdtrace/obdtrace/snapshotter/backstore"
+)
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() == 0 {
+		return
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatal("this test needs root (loop devices, FUSE, mount)")
+	}
+	t.Skip("needs root (loop devices, FUSE, mount)")
+}
+
+// buildObdctl builds the command into a temporary directory: the mount
+// command re-executes itself as its background server.
+func buildObdctl(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "obdctl")
+	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+func hashFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+func leftovers(work string) string {
+	var found []string
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, l := range strings.Split(string(mounts), "\n") {
+		if strings.Contains(l, work) {
+			found = append(found, "mount: "+l)
+		}
+	}
+	loops, _ := exec.Command("losetup", "-a").Output()
+	for _, l := range strings.Split(string(loops), "\n") {
+		if strings.Contains(l, work) {
+			found = append(found, "loop: "+l)
+		}
+	}
+	return strings.Join(found, "\n")
+}
+
+// TestMountUmountAndRecovery runs obdctl as a user would: mount in the
+// background, read /hello, unmount; then mount again with the cache warm,
+// kill -9 the server, and check that umount still cleans everything up.
+func TestMountUmountAndRecovery(t *testing.T) {
+	requireRoot(t)
+	bin := buildObdctl(t)
+	reg := registry.Start(t, registry.Options{})
+	ref := reg.PushHelloWorld(t)
+	work := t.TempDir()
+	mnt := filepath.Join(work, "mnt")
+	os.Mkdir(mnt, 0o755)
+	stats := filepath.Join(work, "stats.json")
+	common := []string{"--state-root", filepath.Join(work, "state"), "--cache-dir", filepath.Join(work, "cache"),
+		"--baselayer", testdata.Baselayer(t), "--stats-file", stats}
+	obdctl := func(args ...string) (string, error) {
+		out, err := exec.Command(bin, args...).CombinedOutput()
+		return string(out), err
+	}
+	t.Cleanup(func() { exec.Command(bin, "umount", "--state-root", filepath.Join(work, "state"), mnt).Run() })
+
+	out, err := obdctl(append([]string{"mount", "--insecure", ref, mnt}, common...)...)
+	if err != nil {
+		t.Fatalf("mount: %v\n%s", err, out)
+	}
+	if got := hashFile(t, filepath.Join(mnt, "hello")); got != testdata.HelloSHA256 {
+		t.Fatalf("/hello sha256 %s", got)
+	}
+	if out, err := obdctl("umount", "--state-root", filepath.Join(work, "state"), mnt); err != nil {
+		t.Fatalf("umount: %v\n%s", err, out)
+	}
+	if l := leftovers(work); l != "" {
+		t.Fatalf("after umount:\n%s", l)
+	}
+	var st backstore.Stats
+	b, _ := os.ReadFile(stats)
+	if err := json.Unmarshal(b, &st); err != nil || st.Cache.BytesFetched == 0 {
+		t.Fatalf("stats after the first mount: %+v, %v", st.Cache, err)
+	}
+
+	// Mount again (warm cache), kill the server hard, and recover.
+	if out, err := obdctl(append([]string{"mount", "--insecure", ref, mnt}, common...)...); err != nil {
+		t.Fatalf("second mount: %v\n%s", err, out)
+	}
+	state, _, err := backstore.ReadState(filepath.Join(work, "state"), mnt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := hashFile(t, filepath.Join(mnt, "hello")); got != testdata.HelloSHA256 {
+		t.Fatalf("warm /hello sha256 %s", got)
+	}
+	b, _ = os.ReadFile(stats)
+	if err := json.Unmarshal(b, &st); err != nil || st.Cache.BytesFetched != 0 {
+		t.Fatalf("warm mount fetched %d bytes (%v)", st.Cache.BytesFetched, err)
+	}
+	if err := syscall.Kill(state.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 100 && syscall.Kill(state.PID, 0) == nil; i++ {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if out, err := obdctl("umount", "--state-root", filepath.Join(work, "state"), mnt); err != nil {
+		t.Fatalf("umount after kill -9: %v\n%s", err, out)
+	}
+	if l := leftovers(work); l != "" {
+		t.Fatalf("after kill -9 and umount:\n%s", l)
+	}
+	if _, err := os.Stat(filepath.Join(mnt, "hello")); err == nil {
+		t.Fatal("/hello still visible after umount")
+	}
+}

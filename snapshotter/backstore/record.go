@@ -1,0 +1,156 @@
+package backstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/obdtrace/obdtrace/bpf"
+	"github.com/obdtrace/obdtrace/recorder"
+	"github.com/obdtrace/obdtrace/snapshotter/backstore/device"
+	"github.com/obdtrace/obdtrace/trace"
+)
+
+// TraceMode is what a trace path asks for, by upstream's rules.
+type TraceMode int
+
+const (
+	TraceOff    TraceMode = iota // no path, or the file does not exist
+	TraceRecord                  // the file exists and is empty
+	TraceReplay                  // the file holds a trace (or a path list)
+)
+
+// TraceModeOf applies upstream's trace-path rules to path.
+func TraceModeOf(path string) (TraceMode, error) {
+	if path == "" {
+		return TraceOff, nil
+	}
+	st, err := os.Stat(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return TraceOff, nil
+	}
+	if err != nil {
+		return TraceOff, err
+	}
+	if st.Size() == 0 {
+		return TraceRecord, nil
+	}
+	return TraceReplay, nil
+}
+
+// lockPollInterval is how often a recording checks its .lock file, as
+// upstream polls it.
+const lockPollInterval = time.Second
+
+// recording is a trace being recorded on a mounted image, with upstream's
+// protocol: <path>.lock exists while it records (deleting it stops the
+// recording), the trace is written to <path> at the end (protobuf when the
+// name ends in .pb, upstream's binary otherwise), then <path>.ok appears.
+type recording struct {
+	path    string
+	session *recorder.Session
+	img     *Image
+	stopped chan struct{}
+	result  chan error
+}
+
+// startRecording begins recording reads of dev into path. It stops when
+// ctx ends, after maxDuration (if > 0), or when the lock file is deleted;
+// wait returns once the trace is written.
+func startRecording(ctx context.Context, path string, img *Image, dev device.Device, maxDuration time.Duration, log zerolog.Logger) (*recording, error) {
+	major, minor := dev.Dev()
+	bdev, err := bpf.MakeDev(major, minor)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(path+".lock", nil, 0o644); err != nil {
+		return nil, fmt.Errorf("backstore: record: %w", err)
+	}
+	os.Remove(path + ".ok")
+	session, err := recorder.Start(img.Stack, bdev, recorder.SessionOptions{})
+	if err != nil {
+		os.Remove(path + ".lock")
+		return nil, err
+	}
+	r := &recording{path: path, session: session, img: img, stopped: make(chan struct{}), result: make(chan error, 1)}
+	log.Info().Str("trace", path).Str("device", dev.Path()).Dur("max", maxDuration).Msg("recording")
+	go func() { r.result <- r.run(ctx, maxDuration, log) }()
+	return r, nil
+}
+
+func (r *recording) run(ctx context.Context, maxDuration time.Duration, log zerolog.Logger) error {
+	var deadline <-chan time.Time
+	if maxDuration > 0 {
+		t := time.NewTimer(maxDuration)
+		defer t.Stop()
+		deadline = t.C
+	}
+	tick := time.NewTicker(lockPollInterval)
+	defer tick.Stop()
+wait:
+	for {
+		select {
+		case <-ctx.Done():
+			break wait
+		case <-r.stopped:
+			break wait
+		case <-deadline:
+			break wait
+		case <-tick.C:
+			if _, err := os.Stat(r.path + ".lock"); errors.Is(err, os.ErrNotExist) {
+				break wait
+			}
+		}
+	}
+	res, err := r.session.Stop()
+	os.Remove(r.path + ".lock")
+	if err != nil {
+		return err
+	}
+	layers := make([]trace.Layer, len(r.img.Layers))
+	for i, l := range r.img.Layers {
+		layers[i] = trace.Layer{Digest: l.Digest, Size: l.Size}
+	}
+	meta := trace.Meta{Source: trace.SourceLabel, Runs: 1, ImageRef: r.img.Remote.Ref,
+		ManifestDigest: r.img.Remote.ManifestDescriptor.Digest, KernelRelease: kernelRelease()}
+	t, err := res.Trace(layers, meta)
+	if err != nil {
+		return err
+	}
+	format := recorder.FormatOBD
+	if strings.HasSuffix(r.path, ".pb") {
+		format = recorder.FormatPB
+	}
+	if err := recorder.WriteTraceFile(r.path, t, format); err != nil {
+		return err
+	}
+	if err := os.WriteFile(r.path+".ok", nil, 0o644); err != nil {
+		return err
+	}
+	log.Info().Str("trace", r.path).Int("frames", len(t.Frames)).Int64("bytes", res.Stats.RecordedBytes).
+		Uint64("lost", res.Lost).Msg("trace recorded")
+	return nil
+}
+
+// stop ends the recording (if still running) and waits for the trace.
+func (r *recording) stop() error {
+	select {
+	case <-r.stopped:
+	default:
+		close(r.stopped)
+	}
+	return <-r.result
+}
+
+func kernelRelease() string {
+	b, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}

@@ -1,0 +1,233 @@
+package backstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/rs/zerolog"
+	"golang.org/x/sys/unix"
+
+	"github.com/obdtrace/obdtrace/replayer"
+	"github.com/obdtrace/obdtrace/snapshotter/backstore/blobcache"
+	"github.com/obdtrace/obdtrace/snapshotter/backstore/device"
+	"github.com/obdtrace/obdtrace/snapshotter/backstore/registry"
+)
+
+// Config configures one serving process: one image mounted at one place.
+type Config struct {
+	Ref        string
+	Mountpoint string
+	// StateRoot holds the per-mount state directories (DefaultStateRoot).
+	StateRoot string
+	CacheDir  string
+	// CacheMaxBytes bounds the cache; 0 = unbounded.
+	CacheMaxBytes int64
+	// CacheRefillSize is what a cache miss fetches (0 = the cache's default,
+	// 256 KiB as upstream): larger windows cost bytes, smaller ones round trips.
+	CacheRefillSize int64
+	Baselayer       string
+	Registry        registry.Options
+	// MetricsAddr, when set, serves Prometheus metrics at /metrics.
+	MetricsAddr string
+	// StatsFile is where the stats JSON goes; default state dir/stats.json.
+	StatsFile     string
+	StatsInterval time.Duration
+	// TraceFile follows upstream's trace-path rules: a file that exists and
+	// is empty asks for recording (eBPF capture on the device until unmount,
+	// RecordDuration or the deletion of TraceFile.lock; the trace is then
+	// written to TraceFile and TraceFile.ok created); a non-empty file is
+	// replayed instead of the image's trace layer.
+	TraceFile string
+	// RecordDuration bounds a recording; 0 = until unmount.
+	RecordDuration time.Duration
+	// NoReplay turns replay off.
+	NoReplay bool
+	Replay   replayer.Options
+	Logger   zerolog.Logger
+	// Ready is called once the filesystem is mounted.
+	Ready func(State)
+}
+
+// Serve mounts cfg.Ref at cfg.Mountpoint and serves it until ctx ends, then
+// tears everything down.
+func Serve(ctx context.Context, cfg Config) (err error) {
+	log := cfg.Logger
+	if cfg.StateRoot == "" {
+		cfg.StateRoot = DefaultStateRoot
+	}
+	mountpoint, err := filepath.Abs(cfg.Mountpoint)
+	if err != nil {
+		return err
+	}
+	stateDir, err := prepareStateDir(cfg.StateRoot, mountpoint)
+	if err != nil {
+		return err
+	}
+	if cfg.StatsFile == "" {
+		cfg.StatsFile = filepath.Join(stateDir, "stats.json")
+	}
+	var cleanup cleanupStack
+	defer func() {
+		if cerr := cleanup.run(); cerr != nil {
+			log.Error().Err(cerr).Msg("teardown")
+			err = errors.Join(err, cerr)
+		}
+	}()
+	cleanup.push(func() error { return os.RemoveAll(stateDir) })
+
+	cache, err := blobcache.Open(cfg.CacheDir, blobcache.Options{MaxBytes: cfg.CacheMaxBytes, RefillSize: cfg.CacheRefillSize})
+	if err != nil {
+		return err
+	}
+	cleanup.push(cache.Close)
+	client, err := registry.New(cfg.Registry)
+	if err != nil {
+		return err
+	}
+	img, err := OpenImage(ctx, client, cache, cfg.Ref, OpenOptions{Baselayer: cfg.Baselayer})
+	if err != nil {
+		return err
+	}
+	cleanup.push(img.Close)
+	log.Info().Str("ref", cfg.Ref).Int("layers", len(img.Layers)).Int64("virtual_size", img.Size()).Msg("image opened")
+
+	dev, err := device.FUSELoop{}.Attach(ctx, img, device.Options{MountDir: filepath.Join(stateDir, "fuse"), Logger: log})
+	if err != nil {
+		return err
+	}
+	cleanup.push(dev.Close)
+	mode, err := TraceModeOf(cfg.TraceFile)
+	if err != nil {
+		log.Warn().Err(err).Str("trace", cfg.TraceFile).Msg("trace path unusable; neither recording nor replaying it")
+	}
+	if mode == TraceRecord {
+		// Started before ext4 is mounted, so the mount's own reads are in
+		// the trace, as upstream records them.
+		rec, err := startRecording(ctx, cfg.TraceFile, img, dev, cfg.RecordDuration, log)
+		if err != nil {
+			log.Error().Err(err).Str("trace", cfg.TraceFile).Msg("recording not started; serving without it")
+		} else {
+			cleanup.push(func() error {
+				if err := rec.stop(); err != nil {
+					log.Error().Err(err).Str("trace", cfg.TraceFile).Msg("recording failed")
+				}
+				return nil
+			})
+		}
+	}
+	if err := unix.Mount(dev.Path(), mountpoint, "ext4", unix.MS_RDONLY, "noload"); err != nil {
+		return fmt.Errorf("backstore: mount %s on %s: %w", dev.Path(), mountpoint, err)
+	}
+	cleanup.push(func() error { return unmountIfMounted(mountpoint) })
+
+	mon := newMonitor(cfg.Ref, mountpoint, img, cache)
+	if cfg.MetricsAddr != "" {
+		addr, stop, err := serveMetrics(cfg.MetricsAddr, mon, cache, log)
+		if err != nil {
+			return err
+		}
+		cleanup.push(stop)
+		mon.metricsAddr = addr
+	}
+	state := State{
+		Ref: cfg.Ref, Mountpoint: mountpoint, PID: os.Getpid(), PIDStart: processStart(os.Getpid()),
+		Device: dev.Path(), FUSEDir: filepath.Join(stateDir, "fuse"), StatsFile: cfg.StatsFile, Started: time.Now(),
+	}
+	if mon.metricsAddr != "" {
+		state.Metrics = mon.metricsAddr
+	}
+	if err := writeState(stateDir, state); err != nil {
+		return err
+	}
+	log.Info().Str("device", dev.Path()).Str("mountpoint", mountpoint).Msg("mounted")
+
+	replayCtx, stopReplay := context.WithCancel(ctx)
+	cleanup.push(func() error { stopReplay(); return nil })
+	if !cfg.NoReplay && mode != TraceRecord {
+		if mode != TraceReplay {
+			cfg.TraceFile = "" // absent: the image's own trace layer, if any
+		}
+		startReplay(replayCtx, cfg, img, mon, log)
+	}
+	if cfg.Ready != nil {
+		cfg.Ready(state)
+	}
+	mon.run(ctx, cfg.StatsFile, cfg.StatsInterval, log)
+	log.Info().Msg("stopping")
+	return nil
+}
+
+// prepareStateDir makes the mount's state directory, refusing a mountpoint
+// whose state says it is served by a live process.
+func prepareStateDir(root, mountpoint string) (string, error) {
+	if s, dir, err := ReadState(root, mountpoint); err == nil {
+		if processAlive(s.PID, s.PIDStart) {
+			return "", fmt.Errorf("backstore: %s is already mounted (pid %d)", mountpoint, s.PID)
+		}
+		// A dead server's leftovers: clean up before reusing the directory.
+		if err := device.Cleanup(context.Background(), s.FUSEDir); err != nil {
+			return "", fmt.Errorf("backstore: clean up after the dead server of %s: %w", mountpoint, err)
+		}
+		os.RemoveAll(dir)
+	}
+	dir, err := StateDir(root, mountpoint)
+	if err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "fuse"), 0o700); err != nil {
+		return "", fmt.Errorf("backstore: state dir: %w", err)
+	}
+	return dir, nil
+}
+
+func serveMetrics(addr string, mon *monitor, cache *blobcache.Cache, log zerolog.Logger) (string, func() error, error) {
+	reg := prometheus.NewRegistry()
+	if err := reg.Register(cache); err != nil {
+		return "", nil, err
+	}
+	if err := reg.Register(mon); err != nil {
+		return "", nil, err
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return "", nil, fmt.Errorf("backstore: metrics: %w", err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			log.Error().Err(err).Msg("metrics server")
+		}
+	}()
+	log.Info().Str("addr", ln.Addr().String()).Msg("metrics at /metrics")
+	return ln.Addr().String(), func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		return srv.Shutdown(ctx)
+	}, nil
+}
+
+// cleanupStack runs teardown steps in reverse order of setup.
+type cleanupStack []func() error
+
+func (c *cleanupStack) push(f func() error) { *c = append(*c, f) }
+
+func (c *cleanupStack) run() error {
+	var errs []error
+	for i := len(*c) - 1; i >= 0; i-- {
+		if err := (*c)[i](); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	*c = nil
+	return errors.Join(errs...)
+}
