@@ -30,6 +30,7 @@ type mountFlags struct {
 	metricsAddr string
 	statsFile   string
 	traceFile   string
+	recordFor   time.Duration
 	noReplay    bool
 	fullFetch   bool
 	replayBPS   int64
@@ -60,7 +61,7 @@ func newMountCommand() *cobra.Command {
 				CacheDir: f.cacheDir, CacheMaxBytes: f.cacheMax, Baselayer: f.baselayer,
 				Registry:    registry.Options{},
 				MetricsAddr: f.metricsAddr, StatsFile: f.statsFile,
-				TraceFile: f.traceFile, NoReplay: f.noReplay,
+				TraceFile: f.traceFile, RecordDuration: f.recordFor, NoReplay: f.noReplay,
 				Replay: replayer.Options{Workers: f.workers, FullFetch: f.fullFetch, BytesPerSecond: f.replayBPS},
 				Logger: *zerolog.Ctx(cmd.Context()),
 				Ready:  func(backstore.State) { backstore.NotifyReady(nil) },
@@ -88,7 +89,8 @@ func newMountCommand() *cobra.Command {
 	fl.StringVar(&f.stateRoot, "state-root", backstore.DefaultStateRoot, "where mounts keep their state")
 	fl.StringVar(&f.metricsAddr, "metrics-addr", "", "serve Prometheus metrics at this address (e.g. 127.0.0.1:9810)")
 	fl.StringVar(&f.statsFile, "stats-file", "", "write stats JSON here (default: in the mount's state directory)")
-	fl.StringVar(&f.traceFile, "trace", "", "replay this trace (trace.pb or upstream binary) instead of the image's trace layer")
+	fl.StringVar(&f.traceFile, "trace", "", "trace file, by upstream's rules: an existing empty file records into it (eBPF, until unmount,\n--record-duration or the deletion of FILE.lock; FILE.ok when written); a non-empty one is replayed")
+	fl.DurationVar(&f.recordFor, "record-duration", 0, "stop recording after this long (0 = at unmount)")
 	fl.BoolVar(&f.noReplay, "no-replay", false, "do not replay any trace")
 	fl.BoolVar(&f.fullFetch, "full-fetch", false, "after the trace, fetch the rest of every layer in the background")
 	fl.Int64Var(&f.replayBPS, "replay-bytes-per-second", 0, "cap on replay bandwidth (0 = none)")
