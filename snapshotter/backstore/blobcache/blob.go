@@ -109,7 +109,7 @@ func (b *Blob) readBlock(ctx context.Context, i int64, dst []byte, inoff int64) 
 				s.pin(s.window(i))
 				defer s.unpin(s.window(i))
 			}
-			if err := b.fill(ctx, s.window(i), true); err != nil {
+			if err := b.fill(ctx, s.window(i), fillDemand); err != nil {
 				// A coalesced fill led by a reader that gave up fails with
 				// that reader's cancellation; ours may still be live.
 				if ctx.Err() == nil && isContextErr(err) {
@@ -242,7 +242,7 @@ func (b *Blob) Prefetch(ctx context.Context, off, n int64) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		}
-		err := b.fill(ctx, w, false)
+		err := b.fill(ctx, w, fillPrefetch)
 		<-b.c.prefetch
 		if err != nil {
 			return err

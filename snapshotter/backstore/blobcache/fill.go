@@ -14,9 +14,19 @@ type fillCall struct {
 	err  error
 }
 
+// fillKind says who asked for a fill: a read waiting for it, the
+// replayer's Prefetch, or the cache's own sequential readahead.
+type fillKind int
+
+const (
+	fillDemand fillKind = iota
+	fillPrefetch
+	fillReadahead
+)
+
 // fill fetches the missing blocks of window w, or waits for the fetch already
 // in flight for it.
-func (b *Blob) fill(ctx context.Context, w int64, demand bool) error {
+func (b *Blob) fill(ctx context.Context, w int64, kind fillKind) error {
 	s := b.s
 	s.mu.Lock()
 	if call := s.inflight[w]; call != nil {
@@ -46,7 +56,7 @@ func (b *Blob) fill(ctx context.Context, w int64, demand bool) error {
 
 	start := time.Now()
 	call.err = b.fetchWindow(ctx, first, missing)
-	if demand {
+	if kind == fillDemand {
 		b.c.observeDemandFetch(time.Since(start))
 	}
 	s.mu.Lock()
@@ -57,7 +67,7 @@ func (b *Blob) fill(ctx context.Context, w int64, demand bool) error {
 		b.c.stats.fetchErrors.Add(1)
 		return call.err
 	}
-	if !demand {
+	if kind == fillPrefetch {
 		for k, m := range missing {
 			if m {
 				s.markPrefetched(first + int64(k))

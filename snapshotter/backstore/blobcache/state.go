@@ -57,7 +57,7 @@ func (c *Cache) newState(dgst digest.Digest, size int64, data, meta *os.File) *b
 	n := numBlocks(size, bs)
 	bpw := c.opts.RefillSize / bs
 	nwin := (n + bpw - 1) / bpw
-	return &blobState{
+	s := &blobState{
 		c: c, dgst: dgst, size: size, bs: bs, nblocks: n, bpw: bpw, nwin: nwin,
 		data: data, meta: meta, layout: layoutFor(size, bs),
 		present:    make([]atomic.Uint64, (n+63)/64),
@@ -67,6 +67,7 @@ func (c *Cache) newState(dgst digest.Digest, size int64, data, meta *os.File) *b
 		inflight:   make(map[int64]*fillCall),
 		pins:       make(map[int64]int),
 	}
+	return s
 }
 
 // createBlob makes empty data and meta files for a blob new to the cache.
