@@ -170,6 +170,13 @@ func TestRecordHelloWorldEndToEnd(t *testing.T) {
 	if n := len(pulled.Layers); n != 2 || pulled.Layers[1].Annotations["containerd.io/snapshot/overlaybd/acceleration-layer"] != "yes" {
 		t.Fatalf("pulled image layers %+v", pulled.Layers)
 	}
+	// Adding a trace again replaces the trace layer instead of stacking one.
+	if _, err := image.AddTraceLayer(ctx, store, "obd-traced", "obd-traced", tr, image.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if again, err := client.Resolve(ctx, reg.Host+"/hello-world:obd-traced"); err != nil || len(again.Layers) != 2 {
+		t.Fatalf("after a second trace: %v layers, %v", len(again.Layers), err)
+	}
 }
 
 func covered(frames []trace.Frame, layer int, off, n int64) bool {

@@ -1,14 +1,20 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"os"
+	"strings"
 
+	"github.com/distribution/reference"
 	"github.com/opencontainers/go-digest"
 	"github.com/spf13/cobra"
 
 	"github.com/obdtrace/obdtrace/recorder"
+	"github.com/obdtrace/obdtrace/recorder/image"
 	"github.com/obdtrace/obdtrace/recorder/report"
+	"github.com/obdtrace/obdtrace/snapshotter/backstore/registry"
 	"github.com/obdtrace/obdtrace/trace"
 )
 
@@ -28,12 +34,13 @@ image's layer digests, bottom first, with --layer to attach them.`
 
 func newTraceInspectCommand() *cobra.Command {
 	var (
-		asJSON bool
-		plot   string
-		layers []string
+		asJSON   bool
+		plot     string
+		layers   []string
+		insecure bool
 	)
 	cmd := &cobra.Command{
-		Use:   "inspect TRACE [--json] [--plot out.png]",
+		Use:   "inspect TRACE|IMAGE_REF [--json] [--plot out.png]",
 		Short: "Summarise a trace: frames, bytes per layer, time span; optionally plot it",
 		Long: `inspect prints a trace's frames, bytes and unique bytes per layer, and the time
 span of the first accesses. With --plot it also draws a PNG: each frame's byte
@@ -41,15 +48,15 @@ range in its layer over time, and the bytes recorded so far.
 
 ` + traceFileHelp + `
 
-Inspecting the trace layer of an image reference (IMAGE_REF) is not supported
-yet: export the layer blob and inspect the file.`,
+An argument that is not an existing file is taken as an image reference: the
+trace layer of that image is read from its registry (--insecure for plain HTTP).`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			ls, err := parseLayerFlags(layers)
 			if err != nil {
 				return err
 			}
-			t, err := recorder.ReadTraceFile(args[0], ls)
+			t, err := readTraceArg(cmd.Context(), args[0], ls, insecure)
 			if err != nil {
 				return err
 			}
@@ -72,7 +79,34 @@ yet: export the layer blob and inspect the file.`,
 	fl.BoolVar(&asJSON, "json", false, "print the summary as JSON")
 	fl.StringVar(&plot, "plot", "", "also draw the trace as a PNG into this file")
 	fl.StringArrayVar(&layers, "layer", nil, "layer digest for a binary trace, bottom first (repeatable)")
+	fl.BoolVar(&insecure, "insecure", false, "use plain HTTP for an IMAGE_REF's registry")
 	return cmd
+}
+
+// readTraceArg reads a trace file, or the trace layer of an image when arg
+// names no file.
+func readTraceArg(ctx context.Context, arg string, layers []trace.Layer, insecure bool) (*trace.Trace, error) {
+	if _, err := os.Stat(arg); err == nil || strings.HasPrefix(arg, "/") || strings.HasPrefix(arg, ".") {
+		return recorder.ReadTraceFile(arg, layers)
+	}
+	named, err := reference.ParseDockerRef(arg)
+	if err != nil {
+		return nil, fmt.Errorf("%s: neither a file nor an image reference: %w", arg, err)
+	}
+	opts := registry.Options{}
+	if insecure {
+		opts.PlainHTTP = []string{reference.Domain(named)}
+	}
+	client, err := registry.New(opts)
+	if err != nil {
+		return nil, err
+	}
+	store, err := client.Store(arg)
+	if err != nil {
+		return nil, err
+	}
+	t, _, err := image.ReadTraceLayer(ctx, store, named.String())
+	return t, err
 }
 
 func newTraceConvertCommand() *cobra.Command {

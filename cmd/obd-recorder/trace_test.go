@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"fmt"
 	"image/png"
@@ -12,8 +13,11 @@ import (
 
 	"github.com/opencontainers/go-digest"
 
+	"github.com/obdtrace/obdtrace/internal/testutil/registry"
 	"github.com/obdtrace/obdtrace/recorder"
+	"github.com/obdtrace/obdtrace/recorder/image"
 	"github.com/obdtrace/obdtrace/recorder/report"
+	regclient "github.com/obdtrace/obdtrace/snapshotter/backstore/registry"
 	"github.com/obdtrace/obdtrace/trace"
 )
 
@@ -91,5 +95,37 @@ func TestTraceConvertAndInspect(t *testing.T) {
 	}
 	if _, _, err := runTrace(t, "inspect", filepath.Join(dir, "absent")); err == nil {
 		t.Error("inspect of a missing file succeeded")
+	}
+}
+
+// TestTraceInspectImageRef reads a trace layer from a real registry.
+func TestTraceInspectImageRef(t *testing.T) {
+	reg := registry.Start(t, registry.Options{})
+	ref := reg.PushHelloWorld(t)
+	client, err := regclient.New(regclient.Options{PlainHTTP: []string{reg.Host}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := client.Store(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &trace.Trace{
+		Layers: []trace.Layer{{Digest: digest.FromString("base")}, {Digest: "sha256:022231c3f1af70e0cc42f0c3781eabf174cff608210585bf93fc83e16d33672d"}},
+		Meta:   trace.Meta{Source: trace.SourceCLI, Runs: 1},
+		Frames: []trace.Frame{{Layer: 1, Offset: 4096, Length: 8192, TimeNS: 5000}},
+	}
+	if _, err := image.AddTraceLayer(context.Background(), store, "obd", "traced", tr, image.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	cmd := newRootCmd()
+	var out bytes.Buffer
+	cmd.SetOut(&out)
+	cmd.SetArgs([]string{"trace", "inspect", "--insecure", "--json", reg.Host + "/hello-world:traced"})
+	if err := cmd.ExecuteContext(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), `"frames": 1`) {
+		t.Fatalf("inspect of an image ref printed %s", out.String())
 	}
 }
