@@ -11,7 +11,7 @@ set -euo pipefail
 # drive (real loop devices, fio, ext4 tools, a registry, skopeo).
 declare -A groups=(
   [build]="clang llvm libbpf-dev bpftool protobuf-compiler make git"
-  [test]="fio e2fsprogs skopeo docker-registry fuse3 util-linux kmod"
+  [test]="fio e2fsprogs skopeo docker-registry fuse3 util-linux kmod debootstrap"
   [containerd]="runc"
 )
 

@@ -143,6 +143,12 @@ func (img *Image) addBaselayer(path string) error {
 		base.close()
 		return nil
 	}
+	// Current converters (upstream's and ours) ship the baselayer as the
+	// image's first layer: then it is there already.
+	if img.Layers[0].Blob.Trailer().UUID == base.Blob.Trailer().UUID {
+		base.close()
+		return nil
+	}
 	img.Layers = append([]Layer{base}, img.Layers...)
 	return nil
 }

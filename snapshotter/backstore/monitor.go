@@ -120,25 +120,27 @@ func (m *monitor) run(ctx context.Context, path string, interval time.Duration, 
 	if interval <= 0 {
 		interval = DefaultStatsInterval
 	}
-	write := func() {
-		b, err := json.MarshalIndent(m.snapshot(), "", "  ")
-		if err == nil {
-			err = atomicfile.Write(path, b, 0o644)
-		}
-		if err != nil {
-			log.Warn().Err(err).Str("path", path).Msg("stats file")
-		}
-	}
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
-		write()
 		select {
 		case <-ctx.Done():
-			write()
+			m.write(path, log)
 			return
 		case <-t.C:
+			m.write(path, log)
 		}
+	}
+}
+
+// write replaces the stats file with a fresh snapshot.
+func (m *monitor) write(path string, log zerolog.Logger) {
+	b, err := json.MarshalIndent(m.snapshot(), "", "  ")
+	if err == nil {
+		err = atomicfile.Write(path, b, 0o644)
+	}
+	if err != nil {
+		log.Warn().Err(err).Str("path", path).Msg("stats file")
 	}
 }
 

@@ -157,6 +157,8 @@ func Serve(ctx context.Context, cfg Config) (err error) {
 		}
 		startReplay(replayCtx, cfg, img, mon, log)
 	}
+	// The stats file describes this mount before anyone is told it is up.
+	mon.write(cfg.StatsFile, log)
 	if cfg.Ready != nil {
 		cfg.Ready(state)
 	}

@@ -1,0 +1,144 @@
+package convert
+
+import (
+	"bufio"
+	"crypto/sha256"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/obdtrace/obdtrace/lsmt"
+	"github.com/obdtrace/obdtrace/lsmt/tarwrap"
+	"github.com/obdtrace/obdtrace/lsmt/zfile"
+)
+
+// commitFileName is the name upstream gives a layer blob's one tar entry.
+const commitFileName = "overlaybd.commit"
+
+// commitLayer writes the blob of a converted layer into dir: the blocks of
+// disk that differ from base over candidates, committed as an LSMT layer,
+// compressed as upstream's converter does (ZFile, LZ4, 4 KiB blocks, CRC;
+// the header rewritten at the end) and wrapped in the PAX tar header its
+// commit tool writes. It returns the blob's path and descriptor.
+func commitLayer(dir string, disk, base io.ReaderAt, candidates []lsmt.Segment, args lsmt.CommitArgs) (cachedBlob, lsmt.ChangeStats, error) {
+	zf, err := os.CreateTemp(dir, "zfile-*")
+	if err != nil {
+		return cachedBlob{}, lsmt.ChangeStats{}, fmt.Errorf("convert: %w", err)
+	}
+	defer func() {
+		zf.Close()
+		os.Remove(zf.Name())
+	}()
+	zw, err := zfile.NewWriter(zf, zfile.Options{})
+	if err != nil {
+		return cachedBlob{}, lsmt.ChangeStats{}, fmt.Errorf("convert: %w", err)
+	}
+	st, err := lsmt.CommitChanges(zw, disk, base, candidates, args)
+	if err != nil {
+		return cachedBlob{}, st, fmt.Errorf("convert: commit layer: %w", err)
+	}
+	if err := zw.Close(); err != nil {
+		return cachedBlob{}, st, fmt.Errorf("convert: compress layer: %w", err)
+	}
+	size, err := zf.Seek(0, io.SeekEnd)
+	if err != nil {
+		return cachedBlob{}, st, fmt.Errorf("convert: %w", err)
+	}
+	if _, err := zf.Seek(0, io.SeekStart); err != nil {
+		return cachedBlob{}, st, fmt.Errorf("convert: %w", err)
+	}
+	b, err := writeBlob(dir, func(w io.Writer) error {
+		return tarwrap.Write(w, commitFileName, bufio.NewReaderSize(zf, 1<<20), size)
+	})
+	return b, st, err
+}
+
+// baselayerBlob wraps the baselayer file as upstream's converter uploads
+// it: one plain ustar entry named overlaybd.commit, mode 0444.
+func baselayerBlob(dir, path string) (cachedBlob, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return cachedBlob{}, fmt.Errorf("convert: baselayer: %w", err)
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return cachedBlob{}, fmt.Errorf("convert: baselayer: %w", err)
+	}
+	return writeBlob(dir, func(w io.Writer) error {
+		return tarwrap.Write(w, commitFileName, bufio.NewReaderSize(f, 1<<20), st.Size(), tarwrap.WithFormat(tarwrap.FormatUSTAR))
+	})
+}
+
+// writeBlob writes a blob with write into a new file in dir and describes
+// it as an overlaybd layer.
+func writeBlob(dir string, write func(io.Writer) error) (cachedBlob, error) {
+	f, err := os.CreateTemp(dir, "blob-*")
+	if err != nil {
+		return cachedBlob{}, fmt.Errorf("convert: %w", err)
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	h := sha256.New()
+	cw := &countingWriter{w: io.MultiWriter(f, h)}
+	bw := bufio.NewWriterSize(cw, 1<<20)
+	if err := write(bw); err != nil {
+		return cachedBlob{}, fmt.Errorf("convert: write blob: %w", err)
+	}
+	if err := bw.Flush(); err != nil {
+		return cachedBlob{}, fmt.Errorf("convert: write blob: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return cachedBlob{}, fmt.Errorf("convert: write blob: %w", err)
+	}
+	ok = true
+	d := digest.NewDigest(digest.SHA256, h)
+	return cachedBlob{Path: f.Name(), Desc: layerDescriptor(d, cw.n)}, nil
+}
+
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// openBlob opens a layer blob file for stacking; closing it closes the file.
+func openBlob(path string) (*openedBlob, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("convert: %w", err)
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("convert: %w", err)
+	}
+	b, err := lsmt.OpenBlob(f, st.Size())
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("convert: %s: %w", path, err)
+	}
+	return &openedBlob{Blob: b, f: f}, nil
+}
+
+type openedBlob struct {
+	*lsmt.Blob
+	f *os.File
+}
+
+func (b *openedBlob) Close() error {
+	b.Blob.Close()
+	return b.f.Close()
+}
