@@ -48,6 +48,6 @@ func newRootCommand() *cobra.Command {
 	}
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 	root.PersistentFlags().StringVar(&g.logFormat, "log-format", "auto", "log format: json, console, auto (console on a terminal)")
-	root.AddCommand(newLayerCommand(), newMountCommand(), newUmountCommand(), newConvertCommand(), newWANProxyCommand())
+	root.AddCommand(newLayerCommand(), newMountCommand(), newUmountCommand(), newConvertCommand(), newRPullCommand(), newWANProxyCommand())
 	return root
 }
