@@ -214,14 +214,14 @@ func testKillSnapshotter(ctx context.Context, t *testing.T, e *env, client *cont
 	if err := syscall.Kill(e.snapshotterPID(t), syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	dropCaches(t)
+	r.dropCache()
 	r.read(2) // through the device, served by the image server that outlived the snapshotter
 
 	e.script1(t, "restart-snapshotter", e.dir)
 	if !strings.Contains(e.snapshotterLog(), "image server adopted") {
 		t.Fatalf("the restarted snapshotter did not adopt the image server; log:\n%s", tailLines(e.snapshotterLog(), 20))
 	}
-	dropCaches(t)
+	r.dropCache()
 	r.read(3)
 	r.stop(ctx)
 
@@ -231,14 +231,4 @@ func testKillSnapshotter(ctx context.Context, t *testing.T, e *env, client *cont
 	}
 	e.mustCtr(t, "obdtest", "containers", "rm", "keeper")
 	e.waitNoDevice(t)
-}
-
-// dropCaches empties the page cache, so the next read of a file goes to
-// its block device.
-func dropCaches(t *testing.T) {
-	t.Helper()
-	syscall.Sync()
-	if err := os.WriteFile("/proc/sys/vm/drop_caches", []byte("3"), 0o644); err != nil {
-		t.Fatalf("drop caches: %v", err)
-	}
 }

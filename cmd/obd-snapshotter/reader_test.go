@@ -5,8 +5,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	containerd "github.com/containerd/containerd/v2/client"
 	"github.com/containerd/containerd/v2/pkg/cio"
@@ -92,6 +95,23 @@ func startReader(ctx context.Context, t *testing.T, client *containerd.Client, i
 		t.Fatal(err)
 	}
 	return r
+}
+
+// dropCache evicts the container's /hello from the page cache (of the
+// overlay and the ext4 file beneath), so the next read goes to the device.
+// It is targeted rather than a global drop_caches, which would disturb the
+// page-cache assertions of tests running in parallel.
+func (r *readerContainer) dropCache() {
+	r.t.Helper()
+	syscall.Sync()
+	f, err := os.Open(fmt.Sprintf("/proc/%d/root/hello", r.task.Pid()))
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	defer f.Close()
+	if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+		r.t.Fatalf("fadvise: %v", err)
+	}
 }
 
 // read asks the container to read /hello (request i) and checks the bytes.
