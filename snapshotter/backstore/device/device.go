@@ -8,9 +8,9 @@
 // regular file in a private FUSE mount and binds a loop device to that file.
 // Other frontends implement the same Frontend and Device interfaces.
 //
-// Why the defaults are what they are (page cache of the FUSE file, loop
-// buffered I/O, LOOP_CHANGE_FD once the image is local) is measured in
-// docs/device.md.
+// Why the defaults are what they are (loop buffered I/O over the FUSE
+// file's page cache, so warm reads never reach the daemon; FUSE passthrough
+// for images that are a local file) is measured in docs/device.md.
 package device
 
 import (
@@ -123,9 +123,10 @@ type Tuning struct {
 	CacheTimeout time.Duration
 	// MaxRead is the largest FUSE read or write request, in bytes.
 	MaxRead int
-	// ReadAhead is the FUSE file's readahead window in bytes (its bdi's
-	// read_ahead_kb); 0 keeps the kernel's 128 KiB. Buffered reads that
-	// miss the cache reach the daemon in requests of at most this size.
+	// ReadAhead is the FUSE file's largest readahead window in bytes (its
+	// bdi's read_ahead_kb); 0 keeps the kernel's 128 KiB. Buffered reads
+	// that miss the cache reach the daemon in requests of at most this
+	// size; the kernel widens the window only for sequential readers.
 	ReadAhead int
 	// SyncRead turns off FUSE's asynchronous reads (one read in flight per
 	// handle).
@@ -147,6 +148,7 @@ func DefaultTuning() Tuning {
 		KeepCache:     true,
 		CacheTimeout:  24 * time.Hour,
 		MaxRead:       1 << 20,
+		ReadAhead:     1 << 20,
 		Passthrough:   true,
 	}
 }
