@@ -11,6 +11,10 @@
 //   - tracepoint/block/block_rq_issue (+ block_rq_complete): the classic
 //     tracepoints, for kernels whose BTF lacks the btf_trace_* typedefs.
 // Either way the links are FD-based, so nothing outlives the loading process.
+//
+// Events are staged per CPU and reach the ring buffer in batches (one
+// reservation per batch, not per event); a third program, never attached,
+// is run by the reader on each CPU to flush partial batches.
 
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -32,7 +36,7 @@
 // MINORBITS, same story: the kernel's internal dev_t is major<<20 | minor.
 #define OBD_MINORBITS 20
 
-// One record in the ring. Layout is decoded by hand in event.go: change both.
+// One event. Layout is decoded by hand in event.go: change both.
 struct obd_event {
 	__u64 ts_ns;      // bpf_ktime_get_ns (CLOCK_MONOTONIC)
 	__u64 sector;     // start sector (512 bytes) on the whole disk
@@ -58,13 +62,71 @@ const volatile bool track_latency = false;
 // event would be most of the capture's cost. So by default events go in
 // silently and the reader polls the ring on a timer.
 const volatile bool no_wakeup = false;
+// Events per batch, at most OBD_BATCH_MAX; 0 or 1 sends each event to the
+// ring on its own. Set by the loader from the ring's size.
+const volatile __u32 batch_len = 0;
+// A batch whose first event is this old is sent with the next event, full
+// or not, so a CPU that keeps issuing never leaves events waiting long;
+// the reader flushes batches a quiet CPU left behind. Half of MaxDelay.
+const volatile __u64 max_age_ns = 25000000;
+
+// A ring record is a header and hdr.count events of one CPU, in the order
+// that CPU produced them (their timestamps do not decrease), unless
+// OBD_HDR_UNORDERED is set: an event that bypassed its CPU's batch because
+// the batch was busy (a completion interrupting an issue, say), which may be
+// older than events already in the ring from that CPU.
+struct obd_hdr {
+	__u32 cpu;
+	__u32 count;
+};
+
+#define OBD_HDR_UNORDERED 0x80000000U
+#define OBD_BATCH_MAX 64
+
+// The state of a CPU's batch, apart from its events so that the reader can
+// read every CPU's in one small lookup. Programs on one CPU never run side
+// by side, but one may interrupt another (a completion in an interrupt, or
+// the reader's flush in an IPI): busy tells the interrupting one to keep
+// off. Plain loads and stores suffice for that, both sides being on one CPU.
+struct obd_head {
+	__u32 busy;
+	__u32 count;    // events in the batch
+	__u64 first_ns; // the first one's timestamp
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct obd_head);
+} obd_head SEC(".maps");
+
+// A CPU's batch of events, sent to the ring as one record with its header.
+struct obd_stage {
+	struct obd_hdr hdr;
+	struct obd_event ev[OBD_BATCH_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct obd_stage);
+} obd_stage SEC(".maps");
+
+// A record of one event, when it does not go through a batch.
+struct obd_single {
+	struct obd_hdr hdr;
+	struct obd_event ev;
+};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 8 << 20); // overridden by Options.RingSize
 } obd_events SEC(".maps");
 
-// The devices to report: key is the kernel dev_t, the value is unused.
+// The device set: key is the kernel dev_t, the value is unused. The
+// program consults it only for slots marked OBD_SLOT_SHARED below.
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
@@ -72,22 +134,22 @@ struct {
 	__type(value, __u8);
 } obd_devices SEC(".maps");
 
-// A Bloom-style prefilter in front of obd_devices: bit dev_hash(dev) is set
-// for every device in the set (and possibly others). A request whose bit is
-// clear is dropped without the hash lookup, which measured ~45 ns of the
-// ~55 ns a filtered-out request otherwise costs. User space writes the whole
-// value after each change of the set: set bits never go missing for a
-// device in the set, so a stale or torn read only costs a lookup.
-struct dev_filter {
-	__u64 bits[64];
-};
+// A direct-mapped table in front of obd_devices, indexed by dev_hash(dev):
+// 0 when no device of the set hashes there, the device itself when exactly
+// one does, OBD_SLOT_SHARED when more do (or the device is 0 or
+// OBD_SLOT_SHARED itself). A request costs one array load and a compare,
+// hit or miss; the hash lookup (~45 to 65 ns) is left for shared slots.
+// User space adds a device to the hash before its slot, and removes it
+// from the hash after, so a slot never names a device the hash lacks.
+#define OBD_SLOTS 4096
+#define OBD_SLOT_SHARED 0xffffffffU
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, OBD_SLOTS);
 	__type(key, __u32);
-	__type(value, struct dev_filter);
-} obd_filter SEC(".maps");
+	__type(value, __u32);
+} obd_slots SEC(".maps");
 
 // Events dropped because the ring was full, per CPU so the hot path never
 // contends on a shared cache line.
@@ -118,16 +180,21 @@ struct {
 // types the layout test compares against event.go.
 const struct obd_event *const unused_event __attribute__((unused)) = 0;
 const struct inflight_key *const unused_key __attribute__((unused)) = 0;
+const struct obd_hdr *const unused_hdr __attribute__((unused)) = 0;
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
-static __always_inline void count_lost(void)
+#define barrier() asm volatile("" ::: "memory")
+#define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+#define WRITE_ONCE(x, v) (*(volatile typeof(x) *)&(x) = (v))
+
+static __always_inline void count_lost(__u32 n)
 {
 	__u32 zero = 0;
 	__u64 *lost = bpf_map_lookup_elem(&obd_lost, &zero);
 
 	if (lost)
-		*lost += 1; // per-CPU slot: no atomic needed
+		*lost += n; // per-CPU slot: no atomic needed
 }
 
 // classify turns request flags into OBD_OP_* bits, or 0 for requests we do
@@ -186,9 +253,9 @@ static __always_inline __u32 classify_rwbs(const char *rwbs)
 	return out;
 }
 
-static __always_inline void submit(struct obd_event *e)
+static __always_inline __u64 wakeup_flags(void)
 {
-	bpf_ringbuf_submit(e, no_wakeup ? BPF_RB_NO_WAKEUP : 0);
+	return no_wakeup ? BPF_RB_NO_WAKEUP : 0;
 }
 
 // The request fields of an event, gathered by the hook-specific code.
@@ -222,17 +289,14 @@ static __always_inline void fill_task(struct obd_event *e, bool btf)
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
 }
 
-static __always_inline void emit(const struct obd_req *r, __u8 kind, __u64 now, __u64 latency, bool btf)
+// fill writes every field of e; issued is the issue time of a completion,
+// 0 for an issue.
+static __always_inline void fill(struct obd_event *e, const struct obd_req *r, __u8 kind, __u64 now,
+				 __u64 issued, bool btf)
 {
-	struct obd_event *e = bpf_ringbuf_reserve(&obd_events, sizeof(*e), 0);
-
-	if (!e) {
-		count_lost();
-		return;
-	}
 	e->ts_ns = now;
 	e->sector = r->sector;
-	e->latency_ns = latency;
+	e->latency_ns = issued ? now - issued : 0;
 	e->dev = r->dev;
 	e->sectors = r->sectors;
 	e->op = r->op;
@@ -240,11 +304,82 @@ static __always_inline void emit(const struct obd_req *r, __u8 kind, __u64 now, 
 	e->kind = kind;
 	__builtin_memset(e->pad, 0, sizeof(e->pad));
 	fill_task(e, btf);
-	submit(e);
 }
 
-// dev_hash picks one of the prefilter's 4096 bits: the top 12 bits of a
-// multiplicative (Fibonacci) hash. Must match devHash in capture.go.
+// send_batch sends a CPU's first n staged events as one record; its head
+// is held. A full ring loses the whole batch, counted event by event.
+static __always_inline void send_batch(struct obd_stage *s, __u32 n)
+{
+	__u64 size = (__u64)n * sizeof(struct obd_event);
+
+	// Hidden from clang, which would otherwise know size is a multiple of
+	// 16 and add the header size with an OR, whose bounds the verifier
+	// loses; the check is then kept, and bounds the size for the verifier.
+	asm volatile("" : "+r"(size));
+	if (size > sizeof(s->ev))
+		size = sizeof(s->ev); // never
+	s->hdr.cpu = bpf_get_smp_processor_id();
+	s->hdr.count = n;
+	if (bpf_ringbuf_output(&obd_events, &s->hdr, sizeof(s->hdr) + size, wakeup_flags()))
+		count_lost(n);
+}
+
+// emit_single sends one event as a record of its own.
+static __always_inline __u64 emit_single(const struct obd_req *r, __u8 kind, __u64 issued, bool btf, bool unordered)
+{
+	struct obd_single *d = bpf_ringbuf_reserve(&obd_events, sizeof(*d), 0);
+	__u64 now = bpf_ktime_get_ns();
+
+	if (!d) {
+		count_lost(1);
+		return now;
+	}
+	d->hdr.cpu = bpf_get_smp_processor_id() | (unordered ? OBD_HDR_UNORDERED : 0);
+	d->hdr.count = 1;
+	fill(&d->ev, r, kind, now, issued, btf);
+	bpf_ringbuf_submit(d, wakeup_flags());
+	return now;
+}
+
+// emit reports one request and returns its timestamp. It is taken while
+// the batch is held, so a flush that found the batch free has every event
+// older than itself, which lets the reader restore the order across CPUs.
+static __always_inline __u64 emit(const struct obd_req *r, __u8 kind, __u64 issued, bool btf)
+{
+	__u32 zero = 0;
+	struct obd_head *h = NULL;
+	struct obd_stage *s = NULL;
+
+	if (batch_len > 1) {
+		h = bpf_map_lookup_elem(&obd_head, &zero);
+		s = bpf_map_lookup_elem(&obd_stage, &zero);
+	}
+	if (!h || !s || READ_ONCE(h->busy))
+		return emit_single(r, kind, issued, btf, h && s);
+	WRITE_ONCE(h->busy, 1);
+	barrier();
+	__u32 n = h->count;
+
+	if (n >= OBD_BATCH_MAX)
+		n = 0; // never: a full batch is sent at once; bounds the index
+	__u64 now = bpf_ktime_get_ns();
+
+	if (n == 0)
+		h->first_ns = now;
+	fill(&s->ev[n], r, kind, now, issued, btf);
+	n++;
+	if (n >= batch_len || now - h->first_ns >= max_age_ns) {
+		send_batch(s, n);
+		n = 0;
+	}
+	h->count = n;
+	barrier();
+	WRITE_ONCE(h->busy, 0);
+	return now;
+}
+
+// dev_hash picks one of the OBD_SLOTS slots: the top 12 bits of a
+// multiplicative (Fibonacci) hash. Must match devHash in devset.go.
 static __always_inline __u32 dev_hash(__u32 dev)
 {
 	return (dev * 0x9E3779B1U) >> 20;
@@ -252,12 +387,15 @@ static __always_inline __u32 dev_hash(__u32 dev)
 
 static __always_inline bool captured(__u32 dev)
 {
-	__u32 zero = 0;
-	struct dev_filter *f = bpf_map_lookup_elem(&obd_filter, &zero);
 	__u32 h = dev_hash(dev);
+	__u32 *slot = bpf_map_lookup_elem(&obd_slots, &h);
 
-	if (!f || !(f->bits[h >> 6] & (1ULL << (h & 63))))
+	if (!slot)
 		return false;
+	__u32 v = *slot;
+
+	if (v != OBD_SLOT_SHARED)
+		return v == dev && v != 0;
 	return bpf_map_lookup_elem(&obd_devices, &dev) != NULL;
 }
 
@@ -265,14 +403,15 @@ static __always_inline void on_issue(const struct obd_req *r, __u64 id, bool btf
 {
 	if (!captured(r->dev))
 		return;
-	__u64 now = bpf_ktime_get_ns();
+	// Still inside the tracepoint: the driver has not seen the request, so
+	// its completion cannot come before the issue time is stored.
+	__u64 now = emit(r, OBD_KIND_ISSUE, 0, btf);
 
 	if (track_latency) {
 		struct inflight_key key = { .id = id, .sector = r->sector };
 
 		bpf_map_update_elem(&obd_inflight, &key, &now, BPF_ANY);
 	}
-	emit(r, OBD_KIND_ISSUE, now, 0, btf);
 }
 
 static __always_inline void on_complete(const struct obd_req *r, __u64 id, bool btf)
@@ -282,11 +421,10 @@ static __always_inline void on_complete(const struct obd_req *r, __u64 id, bool 
 
 	if (!issued)
 		return; // not a request we reported, or issued before we attached
-	__u64 now = bpf_ktime_get_ns();
-	__u64 latency = now - *issued;
+	__u64 at = *issued;
 
 	bpf_map_delete_elem(&obd_inflight, &key);
-	emit(r, OBD_KIND_COMPLETE, now, latency, btf);
+	emit(r, OBD_KIND_COMPLETE, at, btf);
 }
 
 // rq_dev mirrors the tracepoint's own disk_devt(rq->q->disk): requests are
@@ -371,5 +509,34 @@ int obd_tp_complete(struct trace_event_raw_block_rq_completion *ctx)
 	};
 
 	on_complete(&r, r.dev, false);
+	return 0;
+}
+
+// obd_flush sends the partial batch of the CPU it runs on. It is never
+// attached: the reader runs it on a CPU (BPF_PROG_TEST_RUN with
+// BPF_F_TEST_RUN_ON_CPU, an IPI) whose batch has waited too long, and on
+// every CPU after Detach. It returns 1 if it interrupted a program holding
+// the batch: try again.
+SEC("raw_tp")
+int obd_flush(void *ctx)
+{
+	__u32 zero = 0;
+	struct obd_head *h = bpf_map_lookup_elem(&obd_head, &zero);
+	struct obd_stage *s = bpf_map_lookup_elem(&obd_stage, &zero);
+
+	if (!h || !s)
+		return 0;
+	if (READ_ONCE(h->busy))
+		return 1;
+	WRITE_ONCE(h->busy, 1);
+	barrier();
+	__u32 n = h->count;
+
+	if (n) {
+		send_batch(s, n);
+		h->count = 0;
+	}
+	barrier();
+	WRITE_ONCE(h->busy, 0);
 	return 0;
 }

@@ -1,11 +1,8 @@
 package bpf
 
 import (
-	"context"
 	"errors"
 	"fmt"
-	"io"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,9 +15,9 @@ import (
 )
 
 // DefaultRingSize is the ring buffer size used when Options.RingSize is 0.
-// 8 MiB holds about 95,000 events (88 bytes each with the ring's header):
-// at 4k random reads on a RAM-backed loop device (~200k IOPS here) that is
-// half a second of slack for a reader that falls behind.
+// 8 MiB holds about 104,000 events (80 bytes each, in batches of 64 with a
+// 16-byte header): at 4k random reads on a RAM-backed loop device (~200k
+// IOPS here) that is half a second of slack for a reader that falls behind.
 const DefaultRingSize = 8 << 20
 
 // DefaultMaxDelay is how often a Read waiting on an empty ring looks again,
@@ -72,13 +69,15 @@ type Options struct {
 	// Completion attaches block_rq_complete and adds a KindComplete event,
 	// carrying the latency, for each reported request that completes.
 	Completion bool
-	// MaxDelay is how often a Read waiting on an empty ring looks again
-	// (0: DefaultMaxDelay). The program never wakes the reader: reading in
-	// batches on a timer is what keeps the CPU per event low (an epoll
-	// wake-up per event costs more than the event). At the default ring
-	// size and delay that leaves room for 1.9 million events a second.
-	// A negative value makes the program wake the reader for each event
-	// instead, for the lowest latency.
+	// MaxDelay bounds how long an event waits before Read can return it
+	// (0: DefaultMaxDelay): a Read with nothing to return looks at the
+	// ring, and flushes the CPUs' partial batches, this often. The program
+	// never wakes the reader: reading in batches on a timer is what keeps
+	// the CPU per event low (an epoll wake-up per event costs more than
+	// the event). At the default ring size and delay that leaves room for
+	// 2 million events a second. A negative value sends each event to the
+	// ring on its own and wakes the reader for it instead, for the lowest
+	// latency.
 	MaxDelay time.Duration
 	// Attach selects the hook; AttachAuto picks the best available.
 	Attach AttachMode
@@ -92,8 +91,11 @@ type Options struct {
 type Capture struct {
 	coll     *ebpf.Collection
 	devices  *ebpf.Map // the set, authoritative
-	filter   *ebpf.Map // its prefilter (see capture.c)
+	slots    *ebpf.Map // its slot table (see capture.c)
 	lost     *ebpf.Map
+	flusher  *ebpf.Program // nil when events are not batched
+	heads    *ebpf.Map     // the state of the CPUs' batches
+	ncpu     int
 	rd       *ringbuf.Reader
 	mode     AttachMode
 	maxDelay time.Duration // < 0: block in epoll, woken per event
@@ -106,12 +108,18 @@ type Capture struct {
 	closing  atomic.Bool
 
 	// readMu is held for the whole of a Read, so Close cannot unmap the
-	// ring under it; Close wakes the reader first.
-	readMu  sync.Mutex
-	rec     ringbuf.Record
-	drained bool
-	timer   *time.Timer
-	wake    chan struct{} // closed by Detach: ends a Read's wait at once
+	// ring under it; Close wakes the reader first. It guards what follows.
+	readMu   sync.Mutex
+	rec      ringbuf.Record
+	st       *stream
+	headBuf  []batchHead
+	bounds   []uint64
+	clock    monoClock
+	lastTick time.Time
+	final    bool // the last events are in st: after them, io.EOF
+	drained  bool
+	timer    *time.Timer
+	wake     chan struct{} // closed by Detach: ends a Read's wait at once
 }
 
 // Open loads the program, fills the device set and attaches. It fails with
@@ -136,19 +144,37 @@ func Open(opts Options) (*Capture, error) {
 	if err != nil {
 		return nil, err
 	}
-	coll, err := loadCollection(opts, ringSize, mode, kernel)
+	ncpu, err := ebpf.PossibleCPU()
+	if err != nil {
+		return nil, fmt.Errorf("bpf: count CPUs: %w", err)
+	}
+	coll, batch, err := loadBatched(opts, ringSize, mode, kernel)
 	if err != nil {
 		return nil, err
 	}
 	c := &Capture{
 		coll:     coll,
 		devices:  coll.Maps[captureMapObdDevices],
-		filter:   coll.Maps[captureMapObdFilter],
+		slots:    coll.Maps[captureMapObdSlots],
 		lost:     coll.Maps[captureMapObdLost],
+		ncpu:     ncpu,
 		set:      make(map[Dev]struct{}),
 		mode:     mode,
 		maxDelay: opts.MaxDelay,
+		heads:    coll.Maps[captureMapObdHead],
+		st:       newStream(ncpu),
+		headBuf:  make([]batchHead, ncpu),
+		bounds:   make([]uint64, ncpu),
 		wake:     make(chan struct{}),
+	}
+	if c.clock, err = newMonoClock(); err != nil {
+		coll.Close()
+		return nil, err
+	}
+	if batch > 1 {
+		c.flusher = coll.Programs[captureProgObdFlush]
+	} else {
+		c.st.releaseAll() // every event in the ring is final
 	}
 	if c.maxDelay == 0 {
 		c.maxDelay = DefaultMaxDelay
@@ -216,16 +242,59 @@ func programNames(mode AttachMode) (issue, complete string) {
 	return captureProgObdTpIssue, captureProgObdTpComplete
 }
 
+// batchLen is the number of events per ring record: the most that keeps a
+// record within an eighth of the ring, so a full ring loses little at a
+// time, or 1 (no batching) for a reader woken per event.
+func batchLen(ringSize uint32, maxDelay time.Duration) uint32 {
+	if maxDelay < 0 {
+		return 1
+	}
+	n := (ringSize/8 - 2*hdrSize) / eventSize // a ring record has its own 8-byte header
+	return max(1, min(n, maxBatchLen))
+}
+
+// maxAge is how long a batch waits for more events before the program
+// sends it with the next one, or the reader flushes it: half of MaxDelay,
+// so an event waits about MaxDelay at most.
+func maxAge(maxDelay time.Duration) time.Duration {
+	if maxDelay == 0 {
+		maxDelay = DefaultMaxDelay
+	}
+	return max(maxDelay/2, time.Microsecond)
+}
+
+// loadBatched loads the collection with batching, checking that the kernel
+// can run the flush program on a given CPU (Linux 5.10); if it cannot, it
+// loads it again without batching. It returns the batch length.
+func loadBatched(opts Options, ringSize uint32, mode AttachMode, kernel *btf.Spec) (*ebpf.Collection, uint32, error) {
+	batch := batchLen(ringSize, opts.MaxDelay)
+	coll, err := loadCollection(opts, ringSize, mode, kernel, batch)
+	if err != nil || batch == 1 {
+		return coll, batch, err
+	}
+	_, err = flushOn(coll.Programs[captureProgObdFlush], 0)
+	if err == nil || errors.Is(err, unix.ENXIO) { // ENXIO: CPU 0 is offline, yet it can
+		return coll, batch, nil
+	}
+	coll.Close()
+	if !errors.Is(err, ebpf.ErrNotSupported) && !errors.Is(err, unix.EINVAL) {
+		return nil, 0, err
+	}
+	coll, err = loadCollection(opts, ringSize, mode, kernel, 1)
+	return coll, 1, err
+}
+
 // loadCollection loads only the programs the mode and options need, so a
 // kernel without the tp_btf hooks never sees (or rejects) those programs.
-func loadCollection(opts Options, ringSize uint32, mode AttachMode, kernel *btf.Spec) (*ebpf.Collection, error) {
+func loadCollection(opts Options, ringSize uint32, mode AttachMode, kernel *btf.Spec, batch uint32) (*ebpf.Collection, error) {
 	spec, err := loadCapture()
 	if err != nil {
 		return nil, fmt.Errorf("bpf: parse embedded object: %w", err)
 	}
 	issue, complete := programNames(mode)
 	for name := range spec.Programs {
-		if name != issue && (name != complete || !opts.Completion) {
+		keep := name == issue || name == complete && opts.Completion || name == captureProgObdFlush && batch > 1
+		if !keep {
 			delete(spec.Programs, name)
 		}
 	}
@@ -243,6 +312,12 @@ func loadCollection(opts Options, ringSize uint32, mode AttachMode, kernel *btf.
 	if err := spec.Variables[captureVarNoWakeup].Set(opts.MaxDelay >= 0); err != nil {
 		return nil, fmt.Errorf("bpf: set no_wakeup: %w", err)
 	}
+	if err := spec.Variables[captureVarBatchLen].Set(batch); err != nil {
+		return nil, fmt.Errorf("bpf: set batch_len: %w", err)
+	}
+	if err := spec.Variables[captureVarMaxAgeNs].Set(uint64(maxAge(opts.MaxDelay))); err != nil {
+		return nil, fmt.Errorf("bpf: set max_age_ns: %w", err)
+	}
 	coll, err := ebpf.NewCollectionWithOptions(spec, ebpf.CollectionOptions{
 		Programs: ebpf.ProgramOptions{KernelTypes: kernel},
 	})
@@ -258,83 +333,6 @@ func loadCollection(opts Options, ringSize uint32, mode AttachMode, kernel *btf.
 
 // Mode reports the hook the program is attached to.
 func (c *Capture) Mode() AttachMode { return c.mode }
-
-// AddDevice starts reporting requests to d. Adding a device already in the
-// set is not an error.
-func (c *Capture) AddDevice(d Dev) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return ErrClosed
-	}
-	if err := c.devices.Update(uint32(d), uint8(1), ebpf.UpdateAny); err != nil {
-		if errors.Is(err, unix.E2BIG) {
-			return fmt.Errorf("bpf: add device %s: device set is full (%d devices)", d, MaxDevices)
-		}
-		return fmt.Errorf("bpf: add device %s: %w", d, err)
-	}
-	c.set[d] = struct{}{}
-	// After the set: once its bit shows, the program finds d in the map.
-	return c.writeFilter()
-}
-
-// RemoveDevice stops reporting requests to d; requests already in the ring
-// are still delivered. Removing a device not in the set is not an error.
-func (c *Capture) RemoveDevice(d Dev) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return ErrClosed
-	}
-	if err := c.devices.Delete(uint32(d)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("bpf: remove device %s: %w", d, err)
-	}
-	delete(c.set, d)
-	return c.writeFilter()
-}
-
-// devFilter is the value of obd_filter: one bit per devHash bucket.
-type devFilter [64]uint64
-
-// devHash must match dev_hash in capture.c.
-func devHash(d Dev) uint32 { return (uint32(d) * 0x9E3779B1) >> 20 }
-
-func filterOf(set map[Dev]struct{}) devFilter {
-	var f devFilter
-	for d := range set {
-		h := devHash(d)
-		f[h>>6] |= 1 << (h & 63)
-	}
-	return f
-}
-
-// writeFilter rewrites the program's prefilter from the set; c.mu is held.
-func (c *Capture) writeFilter() error {
-	if err := c.filter.Update(uint32(0), filterOf(c.set), ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("bpf: update device prefilter: %w", err)
-	}
-	return nil
-}
-
-// Devices lists the device set, in no particular order.
-func (c *Capture) Devices() ([]Dev, error) {
-	if err := c.checkOpen(); err != nil {
-		return nil, err
-	}
-	var (
-		out []Dev
-		key uint32
-		val uint8
-	)
-	it := c.devices.Iterate()
-	for it.Next(&key, &val) {
-		out = append(out, Dev(key))
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("bpf: list devices: %w", err)
-	}
-	return out, nil
-}
 
 // Lost returns how many events the program dropped because the ring buffer
 // was full, summed over CPUs, since Open.
@@ -353,78 +351,11 @@ func (c *Capture) Lost() (uint64, error) {
 	return sum, nil
 }
 
-// Read blocks until the next event and decodes it into ev. It returns
-// ctx.Err() when ctx is done first. After Detach it returns the events still
-// in the ring without blocking, then io.EOF; after Close, ErrClosed.
-func (c *Capture) Read(ctx context.Context, ev *Event) error {
-	c.readMu.Lock()
-	defer c.readMu.Unlock()
-	for {
-		if c.closing.Load() {
-			return ErrClosed
-		}
-		if c.drained {
-			return io.EOF
-		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		var err error
-		switch empty := c.rd.AvailableBytes() == 0; {
-		case empty && c.detached.Load():
-			c.drained = true
-			return io.EOF
-		case empty && c.maxDelay < 0:
-			err = c.block(ctx)
-		case empty:
-			c.sleep(ctx)
-			continue
-		default:
-			err = c.rd.ReadInto(&c.rec)
-		}
-		switch {
-		case err == nil:
-			return ev.UnmarshalBinary(c.rec.RawSample)
-		case errors.Is(err, ringbuf.ErrFlushed), errors.Is(err, os.ErrDeadlineExceeded):
-			// Woken by Detach or ctx (the loop head decides), or ReadInto's
-			// non-blocking epoll found the ring drained.
-			continue
-		case errors.Is(err, ringbuf.ErrClosed), errors.Is(err, os.ErrClosed):
-			return ErrClosed
-		default:
-			return fmt.Errorf("bpf: read ring buffer: %w", err)
-		}
-	}
-}
-
-// sleep waits maxDelay for the ring to fill, or less if ctx ends or Detach
-// is called.
-func (c *Capture) sleep(ctx context.Context) {
-	if c.timer == nil {
-		c.timer = time.NewTimer(c.maxDelay)
-	} else {
-		c.timer.Reset(c.maxDelay)
-	}
-	select {
-	case <-c.timer.C:
-	case <-c.wake:
-	case <-ctx.Done():
-	}
-}
-
-// block is ReadInto on an empty ring with per-event wake-ups: it blocks in
-// epoll until the program submits, or ctx or Detach flush the reader.
-func (c *Capture) block(ctx context.Context) error {
-	if ctx.Done() != nil {
-		stop := context.AfterFunc(ctx, func() { _ = c.rd.Flush() })
-		defer stop()
-	}
-	return c.rd.ReadInto(&c.rec)
-}
-
-// Detach stops the program reporting new events, and makes Read drain what
-// is already in the ring and then return io.EOF. The maps stay readable, so
-// Lost still works; Close releases them.
+// Detach stops the program reporting new events, and makes Read return
+// every event reported so far (flushing the CPUs' partial batches) and then
+// io.EOF. The maps stay readable, so Lost still works; Close releases them.
+// It waits for runs of the program in progress on other CPUs to end (an
+// RCU grace period, typically milliseconds).
 func (c *Capture) Detach() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -438,7 +369,14 @@ func (c *Capture) Detach() error {
 		}
 	}
 	c.links = nil
-	if c.rd != nil && !c.detached.Swap(true) {
+	if c.rd != nil && !c.detached.Load() {
+		// Runs of the program that began before the links went may still
+		// be staging events on other CPUs; Read's last flush must come
+		// after them.
+		if err := quiesce(); err != nil {
+			errs = append(errs, err)
+		}
+		c.detached.Store(true)
 		close(c.wake)
 		// Wakes a Read blocked in epoll; the eventfd stays signalled until
 		// consumed, so a Read that has not blocked yet is woken too.

@@ -13,11 +13,6 @@ import (
 	"github.com/cilium/ebpf"
 )
 
-type captureDevFilter struct {
-	_    structs.HostLayout
-	Bits [64]uint64
-}
-
 type captureInflightKey struct {
 	_      structs.HostLayout
 	Id     uint64
@@ -41,23 +36,48 @@ type captureObdEvent struct {
 	Comm      [16]int8
 }
 
+type captureObdHdr struct {
+	_     structs.HostLayout
+	Cpu   uint32
+	Count uint32
+}
+
+type captureObdHead struct {
+	_       structs.HostLayout
+	Busy    uint32
+	Count   uint32
+	FirstNs uint64
+}
+
+type captureObdStage struct {
+	_   structs.HostLayout
+	Hdr captureObdHdr
+	Ev  [64]captureObdEvent
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
 	captureMapObdDevices     = "obd_devices"
 	captureMapObdEvents      = "obd_events"
-	captureMapObdFilter      = "obd_filter"
+	captureMapObdHead        = "obd_head"
 	captureMapObdInflight    = "obd_inflight"
 	captureMapObdLost        = "obd_lost"
+	captureMapObdSlots       = "obd_slots"
+	captureMapObdStage       = "obd_stage"
+	captureProgObdFlush      = "obd_flush"
 	captureProgObdRqComplete = "obd_rq_complete"
 	captureProgObdRqIssue    = "obd_rq_issue"
 	captureProgObdTpComplete = "obd_tp_complete"
 	captureProgObdTpIssue    = "obd_tp_issue"
+	captureVarBatchLen       = "batch_len"
 	captureVarIncludeWrites  = "include_writes"
+	captureVarMaxAgeNs       = "max_age_ns"
 	captureVarNoWakeup       = "no_wakeup"
 	captureVarTrackLatency   = "track_latency"
 	captureVarUnusedEvent    = "unused_event"
+	captureVarUnusedHdr      = "unused_hdr"
 	captureVarUnusedKey      = "unused_key"
 )
 
@@ -103,6 +123,7 @@ type captureSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureProgramSpecs struct {
+	ObdFlush      *ebpf.ProgramSpec `ebpf:"obd_flush"`
 	ObdRqComplete *ebpf.ProgramSpec `ebpf:"obd_rq_complete"`
 	ObdRqIssue    *ebpf.ProgramSpec `ebpf:"obd_rq_issue"`
 	ObdTpComplete *ebpf.ProgramSpec `ebpf:"obd_tp_complete"`
@@ -115,19 +136,24 @@ type captureProgramSpecs struct {
 type captureMapSpecs struct {
 	ObdDevices  *ebpf.MapSpec `ebpf:"obd_devices"`
 	ObdEvents   *ebpf.MapSpec `ebpf:"obd_events"`
-	ObdFilter   *ebpf.MapSpec `ebpf:"obd_filter"`
+	ObdHead     *ebpf.MapSpec `ebpf:"obd_head"`
 	ObdInflight *ebpf.MapSpec `ebpf:"obd_inflight"`
 	ObdLost     *ebpf.MapSpec `ebpf:"obd_lost"`
+	ObdSlots    *ebpf.MapSpec `ebpf:"obd_slots"`
+	ObdStage    *ebpf.MapSpec `ebpf:"obd_stage"`
 }
 
 // captureVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureVariableSpecs struct {
+	BatchLen      *ebpf.VariableSpec `ebpf:"batch_len"`
 	IncludeWrites *ebpf.VariableSpec `ebpf:"include_writes"`
+	MaxAgeNs      *ebpf.VariableSpec `ebpf:"max_age_ns"`
 	NoWakeup      *ebpf.VariableSpec `ebpf:"no_wakeup"`
 	TrackLatency  *ebpf.VariableSpec `ebpf:"track_latency"`
 	UnusedEvent   *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedHdr     *ebpf.VariableSpec `ebpf:"unused_hdr"`
 	UnusedKey     *ebpf.VariableSpec `ebpf:"unused_key"`
 }
 
@@ -153,18 +179,22 @@ func (o *captureObjects) Close() error {
 type captureMaps struct {
 	ObdDevices  *ebpf.Map `ebpf:"obd_devices"`
 	ObdEvents   *ebpf.Map `ebpf:"obd_events"`
-	ObdFilter   *ebpf.Map `ebpf:"obd_filter"`
+	ObdHead     *ebpf.Map `ebpf:"obd_head"`
 	ObdInflight *ebpf.Map `ebpf:"obd_inflight"`
 	ObdLost     *ebpf.Map `ebpf:"obd_lost"`
+	ObdSlots    *ebpf.Map `ebpf:"obd_slots"`
+	ObdStage    *ebpf.Map `ebpf:"obd_stage"`
 }
 
 func (m *captureMaps) Close() error {
 	return _CaptureClose(
 		m.ObdDevices,
 		m.ObdEvents,
-		m.ObdFilter,
+		m.ObdHead,
 		m.ObdInflight,
 		m.ObdLost,
+		m.ObdSlots,
+		m.ObdStage,
 	)
 }
 
@@ -172,10 +202,13 @@ func (m *captureMaps) Close() error {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureVariables struct {
+	BatchLen      *ebpf.Variable `ebpf:"batch_len"`
 	IncludeWrites *ebpf.Variable `ebpf:"include_writes"`
+	MaxAgeNs      *ebpf.Variable `ebpf:"max_age_ns"`
 	NoWakeup      *ebpf.Variable `ebpf:"no_wakeup"`
 	TrackLatency  *ebpf.Variable `ebpf:"track_latency"`
 	UnusedEvent   *ebpf.Variable `ebpf:"unused_event"`
+	UnusedHdr     *ebpf.Variable `ebpf:"unused_hdr"`
 	UnusedKey     *ebpf.Variable `ebpf:"unused_key"`
 }
 
@@ -183,6 +216,7 @@ type captureVariables struct {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type capturePrograms struct {
+	ObdFlush      *ebpf.Program `ebpf:"obd_flush"`
 	ObdRqComplete *ebpf.Program `ebpf:"obd_rq_complete"`
 	ObdRqIssue    *ebpf.Program `ebpf:"obd_rq_issue"`
 	ObdTpComplete *ebpf.Program `ebpf:"obd_tp_complete"`
@@ -191,6 +225,7 @@ type capturePrograms struct {
 
 func (p *capturePrograms) Close() error {
 	return _CaptureClose(
+		p.ObdFlush,
 		p.ObdRqComplete,
 		p.ObdRqIssue,
 		p.ObdTpComplete,

@@ -285,9 +285,11 @@ func TestCloseDetachesEverything(t *testing.T) {
 		t.Fatal(err)
 	}
 	progs, links := bpftest.BPFObjects(t, os.Getpid(), "obd_")
-	if len(progs) != 2 || len(links) != 2 {
+	// Issue and completion hooks, attached, and the flush program, run by
+	// the reader but never attached.
+	if len(progs) != 3 || len(links) != 2 {
 		c.Close()
-		t.Fatalf("while open: programs %v, links %v; want 2 of each", progs, links)
+		t.Fatalf("while open: programs %v, links %v; want 3 programs and 2 links", progs, links)
 	}
 	readErr := make(chan error, 1)
 	go func() { readErr <- c.Read(context.Background(), new(bpf.Event)) }()

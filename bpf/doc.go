@@ -9,6 +9,10 @@
 // and discards never. An optional hook on block_rq_complete adds completion
 // events carrying the request's latency.
 //
+// Events reach the ring in per-CPU batches; [Capture.Read] flushes partial
+// batches every MaxDelay and merges the CPUs' streams back into timestamp
+// order.
+//
 // All attachments are FD-based BPF links owned by the [Capture]: Close, or
 // the death of the process, detaches everything. The package does not know
 // about images or offsets inside them; that is the recorder's job.

@@ -55,6 +55,16 @@ func (o Op) String() string { return string(o.appendText(nil)) }
 func (o Op) AppendText(b []byte) ([]byte, error) { return o.appendText(b), nil }
 
 func (o Op) appendText(b []byte) []byte {
+	switch o { // what nearly every event carries, without the loop
+	case OpRead:
+		return append(b, "read"...)
+	case OpRead | OpReadahead:
+		return append(b, "read,readahead"...)
+	case OpRead | OpSync:
+		return append(b, "read,sync"...)
+	case OpRead | OpSync | OpMeta:
+		return append(b, "read,sync,meta"...)
+	}
 	opNames := [...]string{"read", "write", "readahead", "sync", "meta"}
 	first := true
 	for i, name := range opNames {

@@ -10,7 +10,11 @@ import (
 // The hand-written offsets in event.go must match what clang laid out; the
 // bpf2go-generated struct mirrors the object's BTF.
 func TestEventLayout(t *testing.T) {
-	var e captureObdEvent
+	var (
+		e     captureObdEvent
+		stage captureObdStage
+		head  captureObdHead
+	)
 	checks := []struct {
 		name      string
 		got, want uintptr
@@ -28,6 +32,12 @@ func TestEventLayout(t *testing.T) {
 		{"kind", unsafe.Offsetof(e.Kind), offKind},
 		{"comm", unsafe.Offsetof(e.Comm), offComm},
 		{"size", unsafe.Sizeof(e), eventSize},
+		{"obd_hdr size", unsafe.Sizeof(captureObdHdr{}), hdrSize},
+		{"obd_stage ev", unsafe.Offsetof(stage.Ev), hdrSize},
+		{"obd_stage ev length", uintptr(len(stage.Ev)), maxBatchLen},
+		{"obd_head count", unsafe.Offsetof(head.Count), 4},
+		{"obd_head first_ns", unsafe.Offsetof(head.FirstNs), 8},
+		{"obd_head size", unsafe.Sizeof(head), batchHeadSize},
 	}
 	for _, c := range checks {
 		if c.got != c.want {
@@ -150,15 +160,16 @@ func FuzzUnmarshalBinary(f *testing.F) {
 	})
 }
 
-// The prefilter may let through devices outside the set, never drop one in
-// it, also when a removed device shared its bit with one that stays.
-func TestFilterOf(t *testing.T) {
+// A slot names its device only when that device alone hashes there and
+// cannot be mistaken for an empty slot or the marker; otherwise it sends
+// the program to the hash map. Removing one of two devices sharing a slot
+// hands the slot to the other.
+func TestSlotValue(t *testing.T) {
 	set := map[Dev]struct{}{}
 	for minor := range uint32(64) {
 		set[Dev(7<<minorBits|minor)] = struct{}{}
 	}
-	// Find a device outside the set colliding with a member.
-	var member, twin Dev
+	var member, twin Dev // a device outside the set sharing a member's slot
 	for cand := Dev(259 << minorBits); twin == 0; cand++ {
 		for d := range set {
 			if devHash(d) == devHash(cand) {
@@ -167,22 +178,28 @@ func TestFilterOf(t *testing.T) {
 			}
 		}
 	}
-	set[twin] = struct{}{}
-	delete(set, member)
-	f := filterOf(set)
-	has := func(d Dev) bool { h := devHash(d); return f[h>>6]&(1<<(h&63)) != 0 }
 	for d := range set {
-		if !has(d) {
-			t.Fatalf("device %s in the set has no filter bit", d)
+		if v := slotValue(set, devHash(d)); v != uint32(d) && !(v == slotShared && d == member) {
+			t.Fatalf("slot of %s holds %#x", d, v)
 		}
 	}
-	if !has(member) {
-		t.Fatalf("removing %s cleared the bit %s still needs", member, twin)
+	set[twin] = struct{}{}
+	if v := slotValue(set, devHash(twin)); v != slotShared {
+		t.Fatalf("slot shared by %s and %s holds %#x, want the marker", member, twin, v)
 	}
-	if filterOf(nil) != (devFilter{}) {
-		t.Fatal("empty set has filter bits")
+	delete(set, member)
+	if v := slotValue(set, devHash(twin)); v != uint32(twin) {
+		t.Fatalf("after removing %s its slot holds %#x, want %s", member, v, twin)
 	}
-	if h := devHash(Dev(^uint32(0))); h >= 4096 {
+	if v := slotValue(nil, devHash(twin)); v != 0 {
+		t.Fatalf("empty set: slot holds %#x", v)
+	}
+	for _, odd := range []Dev{0, Dev(slotShared)} {
+		if v := slotValue(map[Dev]struct{}{odd: {}}, devHash(odd)); v != slotShared {
+			t.Errorf("device %#x alone in its slot: %#x, want the marker", uint32(odd), v)
+		}
+	}
+	if h := devHash(Dev(^uint32(0))); h >= numSlots {
 		t.Fatalf("devHash out of range: %d", h)
 	}
 }

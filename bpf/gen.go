@@ -7,4 +7,4 @@ package bpf
 //
 //	bpftool btf dump file /sys/kernel/btf/vmlinux format c > vmlinux.h
 
-//go:generate go run github.com/cilium/ebpf/cmd/bpf2go -cc clang -cflags "-O2 -g -Wall -Werror" -target bpfel -type obd_event -type inflight_key capture capture.c -- -I/usr/include/bpf -I.
+//go:generate go run github.com/cilium/ebpf/cmd/bpf2go -cc clang -cflags "-O2 -g -Wall -Werror" -target bpfel -type obd_event -type obd_hdr -type inflight_key capture capture.c -- -I/usr/include/bpf -I.

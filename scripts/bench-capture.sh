@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
 # Overhead of `obd-recorder capture`, end to end with the real binary.
 #
-# fio 4k random reads (QD32, direct=1, io_uring) on a loop device over a file
-# on tmpfs, in rounds of three runs in rotating order: capture off, capture
-# on that device, capture on another device only. Each capture writes its
-# JSON lines to a file on tmpfs and reports its own CPU time in its summary.
-# Prints per-run figures, then the median of the per-round IOPS ratios
-# (targets: >= 0.98 on the device, >= 0.995 on another device) and the
-# recorder's CPU per million events (target: <= 0.5 s).
+# fio 4k random reads (QD32, direct=1, io_uring, read-only) on a block
+# device, in rounds of three runs in rotating order: capture off, capture on
+# that device, capture on another device only. Each capture writes its JSON
+# lines to a file on tmpfs and reports its own CPU time in its summary.
+# Prints per-run figures, then the median and quartiles of the per-round
+# IOPS ratios (targets: >= 0.98 on the device, >= 0.995 on another device)
+# and the recorder's CPU per million events (target: <= 0.5 s).
 #
-# Usage: sudo scripts/bench-capture.sh [ROUNDS=6] [SECONDS_PER_RUN=3]
+# The device is a loop device over a 512 MiB file on tmpfs (the CPU-bound
+# worst case), or TARGET, an existing block device such as an image device
+# of `obdctl mount` (the Go benchmark BenchmarkCaptureOverhead in bpf/ sets
+# one up itself).
+#
+# Usage: sudo [TARGET=/dev/loopN] scripts/bench-capture.sh [ROUNDS=6] [SECONDS_PER_RUN=3]
 # Needs root, fio, losetup, go. Everything it creates is removed on exit.
 set -euo pipefail
 
@@ -36,13 +41,18 @@ trap cleanup EXIT INT TERM
 mkdir "$work/mnt"
 mount -t tmpfs -o size=700m tmpfs "$work/mnt"
 # Random data, so nothing in the stack can shortcut zero pages.
-head -c $((512 << 20)) /dev/urandom >"$work/mnt/target.img"
 head -c $((16 << 20)) /dev/urandom >"$work/mnt/other.img"
-target=$(losetup --find --show --direct-io=off "$work/mnt/target.img"); loops+=("$target")
 other=$(losetup --find --show --direct-io=off "$work/mnt/other.img"); loops+=("$other")
+if [ -n "${TARGET:-}" ]; then
+  [ -b "$TARGET" ] || { echo "bench-capture: TARGET=$TARGET is not a block device" >&2; exit 1; }
+  target=$TARGET
+else
+  head -c $((512 << 20)) /dev/urandom >"$work/mnt/target.img"
+  target=$(losetup --find --show --direct-io=off "$work/mnt/target.img"); loops+=("$target")
+fi
 
 fio_iops() { # prints read IOPS (terse v3 field 8)
-  fio --name=bench --filename="$target" --rw=randread --bs=4k --iodepth=32 --ioengine=io_uring \
+  fio --name=bench --filename="$target" --readonly --rw=randread --bs=4k --iodepth=32 --ioengine=io_uring \
     --direct=1 --time_based --runtime="$secs" --output-format=terse --terse-version=3 |
     awk -F';' '{print $8}'
 }
@@ -87,15 +97,17 @@ done
 
 awk '
   { iops[$1, $2] = $3; if ($2 == "target") { ev += $4; cpu += $6; tot += $7 } lost += $5; n = ($1 + 1 > n) ? $1 + 1 : n }
-  function median(a, k,   i, j, t) {
+  # quantile(a, k, p): linear interpolation between the ranks of sorted a[1..k]
+  function quantile(a, k, p,   i, j, t, x) {
     for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
-    return (k % 2) ? a[(k + 1) / 2] : (a[k / 2] + a[k / 2 + 1]) / 2
+    x = 1 + p * (k - 1); i = int(x)
+    return (i >= k) ? a[k] : a[i] + (x - i) * (a[i + 1] - a[i])
   }
   END {
     for (r = 0; r < n; r++) { t[r + 1] = iops[r, "target"] / iops[r, "off"]; o[r + 1] = iops[r, "other"] / iops[r, "off"]; off += iops[r, "off"] }
     printf "iops_off_mean %.0f\n", off / n
-    printf "ratio_target_median %.4f (target >= 0.98)\n", median(t, n)
-    printf "ratio_other_median %.4f (target >= 0.995)\n", median(o, n)
+    printf "ratio_target_median %.4f (quartiles %.4f %.4f; target >= 0.98)\n", quantile(t, n, 0.5), quantile(t, n, 0.25), quantile(t, n, 0.75)
+    printf "ratio_other_median %.4f (quartiles %.4f %.4f; target >= 0.995)\n", quantile(o, n, 0.5), quantile(o, n, 0.25), quantile(o, n, 0.75)
     printf "recorder_cpu_s_per_million_events %.3f while attached, %.3f with start-up (target <= 0.5; %d events)\n",
       (ev ? cpu * 1e6 / ev : 0), (ev ? tot * 1e6 / ev : 0), ev
     printf "lost_events %d\n", lost
