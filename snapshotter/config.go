@@ -62,6 +62,9 @@ type RecordConfig struct {
 type CacheConfig struct {
 	MaxBytes   int64 `mapstructure:"max_bytes" json:"max_bytes"`
 	RefillSize int64 `mapstructure:"refill_size" json:"refill_size"`
+	// BlockSize is the cache's unit of presence (0 = 64 KiB): smaller
+	// blocks let replay fetch exactly a trace's ranges.
+	BlockSize int64 `mapstructure:"block_size" json:"block_size,omitempty"`
 }
 
 // RegistryConfig says how the image servers talk to registries.
@@ -73,6 +76,10 @@ type RegistryConfig struct {
 	DockerConfigDir string `mapstructure:"docker_config_dir" json:"docker_config_dir,omitempty"`
 	// Credentials per host, tried before the docker config.
 	Credentials map[string]Credential `mapstructure:"credentials" json:"credentials,omitempty"`
+	// Mirrors lists, per registry host ("docker.io" included), mirrors
+	// tried in order for pulls before the registry itself: "host:port",
+	// optionally with an http:// or https:// scheme.
+	Mirrors map[string][]string `mapstructure:"mirrors" json:"mirrors,omitempty"`
 	// Platform picks a manifest from an index; "" is the host's.
 	Platform       string        `mapstructure:"platform" json:"platform,omitempty"`
 	RequestTimeout time.Duration `mapstructure:"request_timeout" json:"request_timeout,omitempty"`
@@ -151,6 +158,8 @@ func (c *Config) Validate() error {
 	switch {
 	case c.Cache.MaxBytes < 0:
 		return fmt.Errorf("%w: cache.max_bytes %d is negative", ErrConfig, c.Cache.MaxBytes)
+	case c.Cache.BlockSize < 0:
+		return fmt.Errorf("%w: cache.block_size %d is negative", ErrConfig, c.Cache.BlockSize)
 	case c.Cache.RefillSize < 0:
 		return fmt.Errorf("%w: cache.refill_size %d is negative", ErrConfig, c.Cache.RefillSize)
 	case c.Replay.BytesPerSecond < 0:
@@ -167,11 +176,15 @@ func (c *Config) Validate() error {
 			return fmt.Errorf("%w: registry.credentials has an empty host", ErrConfig)
 		}
 	}
+	if _, err := newMirrorTransport(nil, c.Registry.Mirrors, c.Registry.Insecure, nil); err != nil {
+		return err
+	}
 	return nil
 }
 
 // Options turns c into the registry client's options. Credentials for
 // hosts it lists come first; other hosts fall back to the docker config.
+// With mirrors, pulls go through a transport that tries them first.
 func (c RegistryConfig) Options() (registry.Options, error) {
 	opts := registry.Options{
 		PlainHTTP:       c.Insecure,
@@ -181,22 +194,40 @@ func (c RegistryConfig) Options() (registry.Options, error) {
 		MaxRetries:      c.MaxRetries,
 		Concurrency:     c.Concurrency,
 	}
-	if len(c.Credentials) == 0 {
-		return opts, nil
-	}
-	fallback, err := registry.DockerConfigCredentials(c.DockerConfigDir)
-	if err != nil {
-		return registry.Options{}, err
-	}
-	creds := c.Credentials
-	opts.Credentials = func(host string) (string, string, error) {
-		if cr, ok := creds[host]; ok {
-			return cr.Username, cr.Password, nil
+	if len(c.Credentials) > 0 {
+		fallback, err := registry.DockerConfigCredentials(c.DockerConfigDir)
+		if err != nil {
+			return registry.Options{}, err
 		}
-		if fallback == nil {
-			return "", "", nil
+		creds := c.Credentials
+		opts.Credentials = func(host string) (string, string, error) {
+			if cr, ok := creds[host]; ok {
+				return cr.Username, cr.Password, nil
+			}
+			if fallback == nil {
+				return "", "", nil
+			}
+			return fallback(host)
 		}
-		return fallback(host)
+	}
+	if len(c.Mirrors) > 0 {
+		creds := opts.Credentials
+		if creds == nil {
+			var err error
+			if creds, err = registry.DockerConfigCredentials(c.DockerConfigDir); err != nil {
+				return registry.Options{}, err
+			}
+		}
+		t := registryTransport(c.Concurrency)
+		t.ResponseHeaderTimeout = c.RequestTimeout
+		if t.ResponseHeaderTimeout <= 0 {
+			t.ResponseHeaderTimeout = registry.DefaultRequestTimeout
+		}
+		mt, err := newMirrorTransport(t, c.Mirrors, c.Insecure, creds)
+		if err != nil {
+			return registry.Options{}, err
+		}
+		opts.Transport = mt
 	}
 	return opts, nil
 }

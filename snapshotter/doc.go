@@ -15,4 +15,11 @@
 // overlay above it. The server is torn down when the last snapshot using it is
 // removed; at start-up the snapshotter re-adopts live servers and tears down
 // orphans, guided by the state records the servers leave on disk.
+//
+// Upstream's record/replay labels on a container's snapshot are handed to
+// the image's server: in its spec when the container brings the device up,
+// over the server's control channel when the device is already attached.
+// Bad trace labels are logged and counted, never fatal to a container.
+// Registry mirrors are a transport in front of the backstore's registry
+// client.
 package snapshotter

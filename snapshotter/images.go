@@ -39,8 +39,7 @@ func (s *Snapshotter) ensureImage(ctx context.Context, id, key, trace string) er
 		mounted, _ := mountinfo.Mounted(mp)
 		if serverAlive(st) && mounted {
 			if trace != "" {
-				s.traceLabelProblem(key, trace, errors.New("the image's device is already attached for another container: "+
-					"recording or replaying for a second container is not supported yet"))
+				s.traceOnAttached(ctx, st, id, key, trace)
 			}
 			return nil
 		}
@@ -53,6 +52,48 @@ func (s *Snapshotter) ensureImage(ctx context.Context, id, key, trace string) er
 		return fmt.Errorf("%w: state of image %s: %w", ErrImageServer, id, err)
 	}
 	return s.startServer(ctx, id, trace)
+}
+
+// traceOnAttached asks the running server of image id to record into or
+// replay trace for the container snapshot key. Recording on a device
+// other containers read records their reads too.
+func (s *Snapshotter) traceOnAttached(ctx context.Context, st backstore.State, id, key, trace string) {
+	mode, err := backstore.TraceModeOf(trace)
+	req := backstore.ControlRequest{Op: backstore.OpReplay, Path: trace}
+	if mode == backstore.TraceRecord {
+		req = backstore.ControlRequest{Op: backstore.OpRecord, Path: trace, MaxDuration: s.cfg.Record.MaxDuration}
+	}
+	if err == nil && mode == backstore.TraceOff {
+		err = errors.New("the trace file is gone")
+	}
+	if err == nil {
+		err = backstore.SendControl(ctx, st, req)
+	}
+	if err != nil {
+		s.traceLabelProblem(key, trace, reasonServer, fmt.Errorf("device already attached: %w", err))
+		return
+	}
+	s.log.Info().Str("image", id).Str("key", key).Str("op", req.Op).Str("trace", trace).
+		Msg("trace request sent to the running image server")
+}
+
+// stopRecording ends the recording a removed container snapshot asked for
+// on image id, if it still runs. Once the server stops, so does the
+// recording: then there is nothing to do.
+func (s *Snapshotter) stopRecording(ctx context.Context, id, trace string) {
+	st, _, err := backstore.ReadState(s.cfg.StateRoot, s.imageMountpoint(id))
+	if err != nil || !serverAlive(st) {
+		return
+	}
+	err = backstore.SendControl(ctx, st, backstore.ControlRequest{Op: backstore.OpStopRecord, Path: trace})
+	switch {
+	case errors.Is(err, backstore.ErrNotRecording):
+		s.log.Debug().Str("image", id).Str("trace", trace).Msg("recording already ended")
+	case err != nil:
+		s.log.Warn().Err(err).Str("image", id).Str("trace", trace).Msg("stop recording")
+	default:
+		s.log.Info().Str("image", id).Str("trace", trace).Msg("recording stopped with its container's snapshot")
+	}
 }
 
 // startServer spawns the backstore server of image id and waits until its

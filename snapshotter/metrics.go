@@ -28,6 +28,15 @@ const (
 	opCleanup = "cleanup"
 )
 
+// Reasons a trace label request is not acted on: the "reason" label of
+// obd_snapshotter_trace_label_problems_total.
+const (
+	reasonBadPath      = "bad_path"      // no path, relative, missing, not a regular file
+	reasonBadTrace     = "bad_trace"     // a file to replay that holds no trace or path list
+	reasonNotOverlaybd = "not_overlaybd" // the image has no overlaybd layers
+	reasonServer       = "server"        // the image's server refused or could not be asked
+)
+
 // maxStatsFile bounds an image server's stats file read at scrape time.
 const maxStatsFile = 4 << 20
 
@@ -38,8 +47,9 @@ type metrics struct {
 	serverStart    prometheus.Histogram
 	serverFailures prometheus.Counter
 	adopted        prometheus.Counter
-	// traceLabelProblems counts record/replay label requests not acted on.
-	traceLabelProblems prometheus.Counter
+	// traceLabelProblems counts record/replay label requests not acted
+	// on, by reason (the reason* constants).
+	traceLabelProblems *prometheus.CounterVec
 }
 
 func newMetrics() *metrics {
@@ -65,10 +75,10 @@ func newMetrics() *metrics {
 		adopted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "obd_snapshotter_image_servers_adopted_total", Help: "Running image servers re-adopted at start-up.",
 		}),
-		traceLabelProblems: prometheus.NewCounter(prometheus.CounterOpts{
+		traceLabelProblems: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "obd_snapshotter_trace_label_problems_total",
-			Help: "Record/replay trace label requests not acted on (bad path, no overlaybd image, device already attached); the log says why.",
-		}),
+			Help: "Record/replay trace label requests not acted on, by reason (bad_path, bad_trace, not_overlaybd, server); the log says why.",
+		}, []string{"reason"}),
 	}
 }
 

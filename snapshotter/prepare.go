@@ -15,6 +15,8 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/errdefs"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/obdtrace/obdtrace/snapshotter/backstore"
 )
 
 // ErrNoImageRef means an overlaybd layer came without the label naming the
@@ -222,7 +224,14 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 	}); err != nil {
 		return nil, err
 	}
-	trace := s.traceRequest(key, info.Labels, rec.Image != "")
+	trace, mode := s.traceRequest(key, info.Labels, rec.Image != "")
+	if mode == backstore.TraceRecord {
+		// Remembered so that the recording stops with this snapshot.
+		rec.Recording = trace
+		if err := writeRecord(s.snapshotDir(snap.ID), rec); err != nil {
+			s.log.Warn().Err(err).Str("key", key).Msg("remember a recording: it ends with the device or its max duration instead")
+		}
+	}
 	if rec.Image != "" {
 		if err := s.ensureImage(ctx, rec.Image, key, trace); err != nil {
 			// Undo the snapshot: a container must not get mounts that do
@@ -253,23 +262,23 @@ func (s *Snapshotter) imageOf(parentIDs []string) (string, error) {
 
 // traceRequest reads a container snapshot's record/replay labels, with
 // upstream's meaning: record-trace=yes and record-trace-path=FILE, where an
-// empty FILE asks for a recording and a non-empty one is replayed (the
-// image's server decides by the file when its device attaches). It returns
-// FILE, or "" when there is nothing usable to do; a bad request is logged
-// with its cause and counted, and never fails the container's start.
-func (s *Snapshotter) traceRequest(key string, labels map[string]string, onImage bool) string {
+// empty FILE asks for a recording and a non-empty one (a trace or a path
+// list) is replayed. It returns FILE and what it asks for, or TraceOff
+// when there is nothing usable to do: a bad request is logged with its
+// cause and counted, and never fails the container's start.
+func (s *Snapshotter) traceRequest(key string, labels map[string]string, onImage bool) (string, backstore.TraceMode) {
 	if labels[LabelRecordTrace] != "yes" {
-		return ""
+		return "", backstore.TraceOff
 	}
 	path := labels[LabelRecordTracePath]
-	var problem error
+	reason, problem := reasonBadPath, error(nil)
 	switch {
 	case path == "":
 		problem = fmt.Errorf("%s=yes without %s", LabelRecordTrace, LabelRecordTracePath)
 	case !filepath.IsAbs(path):
 		problem = fmt.Errorf("trace path %q is not absolute", path)
 	case !onImage:
-		problem = errors.New("the image has no overlaybd layers")
+		reason, problem = reasonNotOverlaybd, errors.New("the image has no overlaybd layers")
 	default:
 		st, err := os.Stat(path)
 		switch {
@@ -278,16 +287,24 @@ func (s *Snapshotter) traceRequest(key string, labels map[string]string, onImage
 		case !st.Mode().IsRegular():
 			problem = fmt.Errorf("trace path %s is not a regular file", path)
 		default:
-			return path
+			mode, err := backstore.CheckTraceFile(path)
+			if err == nil && mode != backstore.TraceOff {
+				return path, mode
+			}
+			reason, problem = reasonBadTrace, err
+			if err == nil {
+				problem = fmt.Errorf("trace path %s: nothing to record or replay", path)
+			}
 		}
 	}
-	s.traceLabelProblem(key, path, problem)
-	return ""
+	s.traceLabelProblem(key, path, reason, problem)
+	return "", backstore.TraceOff
 }
 
-func (s *Snapshotter) traceLabelProblem(key, path string, problem error) {
-	s.metrics.traceLabelProblems.Inc()
-	s.log.Warn().Err(problem).Str("key", key).Str("trace", path).Msg("trace labels not acted on; the container starts without them")
+func (s *Snapshotter) traceLabelProblem(key, path, reason string, problem error) {
+	s.metrics.traceLabelProblems.WithLabelValues(reason).Inc()
+	s.log.Warn().Err(problem).Str("key", key).Str("trace", path).Str("reason", reason).
+		Msg("trace labels not acted on; the container starts without them")
 }
 
 // newSnapshotDir makes a temporary snapshot directory, renamed to its ID

@@ -31,7 +31,7 @@ const (
 	LabelRemote    = "containerd.io/snapshot/remote"
 	labelRemoteVal = "remote snapshot"
 	// LabelRecordTrace and LabelRecordTracePath are upstream's record and
-	// replay triggers on a container's snapshot (not acted on yet).
+	// replay triggers on a container's snapshot.
 	LabelRecordTrace     = backstore.AnnotationPrefix + "record-trace"
 	LabelRecordTracePath = backstore.AnnotationPrefix + "record-trace-path"
 )
@@ -54,6 +54,9 @@ type record struct {
 	// Image, on an active or view snapshot, is the ID of the overlaybd
 	// layer whose device its mounts read: the top of its overlaybd chain.
 	Image string `json:"image,omitempty"`
+	// Recording, on a container's snapshot, is the trace file its labels
+	// asked to record into: the recording stops when the snapshot goes.
+	Recording string `json:"recording,omitempty"`
 }
 
 // layerRecord describes a remote overlaybd layer.

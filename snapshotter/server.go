@@ -108,7 +108,8 @@ func runServer(ctx context.Context, spec ServerSpec, log zerolog.Logger) error {
 	cfg := backstore.Config{
 		Ref: spec.Ref, Mountpoint: spec.Mountpoint, StateRoot: spec.StateRoot,
 		CacheDir: spec.CacheDir, CacheMaxBytes: spec.Cache.MaxBytes, CacheRefillSize: spec.Cache.RefillSize,
-		Baselayer: spec.Baselayer, Registry: regOpts,
+		CacheBlockSize: spec.Cache.BlockSize,
+		Baselayer:      spec.Baselayer, Registry: regOpts,
 		MetricsAddr: spec.MetricsAddress, StatsInterval: spec.StatsInterval,
 		TraceFile: spec.TraceFile, RecordDuration: spec.RecordMaxDuration,
 		NoReplay: !spec.Replay.Enabled,

@@ -230,6 +230,9 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) (err error) {
 	for _, dir := range removals {
 		s.removeDir(ctx, dir)
 	}
+	if rec.Image != "" && rec.Recording != "" {
+		s.stopRecording(ctx, rec.Image, rec.Recording)
+	}
 	if rec.Image != "" {
 		s.releaseImage(ctx, rec.Image)
 	}

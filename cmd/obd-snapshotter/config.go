@@ -16,6 +16,9 @@ import (
 // --config is given.
 const defaultConfigDir = "/etc/obdtrace"
 
+// keyDelimiter separates the levels of a config key inside viper.
+const keyDelimiter = "::"
+
 // flagKeys maps command-line flags to the config keys they override.
 var flagKeys = map[string]string{
 	"root":            "root",
@@ -29,10 +32,12 @@ var flagKeys = map[string]string{
 // environment variables (key path upper-cased, dots as underscores:
 // OBD_REGISTRY_INSECURE), then the flags the user set.
 func loadConfig(file string, flags *pflag.FlagSet) (snapshotter.Config, error) {
-	v := viper.New()
+	// Map keys are registry hosts ("docker.io", "10.0.0.1:5000"): with
+	// viper's default "." delimiter they would be split into nested keys.
+	v := viper.NewWithOptions(viper.KeyDelimiter(keyDelimiter))
 	setDefaults(v, "", reflect.ValueOf(snapshotter.DefaultConfig()))
 	v.SetEnvPrefix("OBD")
-	v.SetEnvKeyReplacer(strings.NewReplacer(".", "_"))
+	v.SetEnvKeyReplacer(strings.NewReplacer(keyDelimiter, "_"))
 	v.AutomaticEnv()
 	if file == "" {
 		file = v.GetString("config")
@@ -78,7 +83,7 @@ func setDefaults(v *viper.Viper, prefix string, val reflect.Value) {
 		}
 		key := prefix + tag
 		if f.Type.Kind() == reflect.Struct {
-			setDefaults(v, key+".", val.Field(i))
+			setDefaults(v, key+keyDelimiter, val.Field(i))
 			continue
 		}
 		v.SetDefault(key, val.Field(i).Interface())

@@ -27,6 +27,8 @@ registry:
     b.example:
       username: u
       password: p
+  mirrors:
+    docker.io: [mirror.example:5000, "http://m2.example"]
 replay:
   workers: 3
 server:
@@ -60,6 +62,9 @@ server:
 		if v[0] != v[1] {
 			t.Errorf("%s: %v, want %v", name, v[0], v[1])
 		}
+	}
+	if m := cfg.Registry.Mirrors["docker.io"]; !slices.Equal(m, []string{"mirror.example:5000", "http://m2.example"}) {
+		t.Errorf("mirrors (file): %q", cfg.Registry.Mirrors)
 	}
 	if !slices.Equal(cfg.Registry.Insecure, []string{"c.example", "d.example:80"}) {
 		t.Errorf("insecure (env): %q", cfg.Registry.Insecure)

@@ -47,6 +47,7 @@ func TestContainerd(t *testing.T) {
 
 	t.Run("rpull and run overlaybd", func(t *testing.T) { testRunOverlaybd(ctx, t, e, client, obdRef) })
 	t.Run("record and replay by labels", func(t *testing.T) { testTraceLabels(t, e, obdRef) })
+	t.Run("record and replay on an attached device", func(t *testing.T) { testTraceLabelsAttached(ctx, t, e, client, obdRef) })
 	t.Run("ctr pull and run overlaybd", func(t *testing.T) { testCtrPull(t, e, obdRef) })
 	t.Run("run plain OCI", func(t *testing.T) { testRunPlain(ctx, t, e, client, plainRef) })
 	t.Run("kill -9 while running", func(t *testing.T) { testKillSnapshotter(ctx, t, e, client, obdRef) })
@@ -117,7 +118,7 @@ func testTraceLabels(t *testing.T, e *env, ref string) {
 		t.Fatalf("trace label problems %v, want 1", got)
 	}
 	e.mustCtr(t, "obdtest", "containers", "rm", "badtrace")
-	// Labels act only when the device attaches (so far): wait for it to go.
+	// The next labels bring the device up (the attached case is below).
 	e.waitNoDevice(t)
 
 	traceFile := filepath.Join(e.dir, "hello.trace")
@@ -126,19 +127,7 @@ func testTraceLabels(t *testing.T, e *env, ref string) {
 	}
 	run("record", traceFile)
 	e.mustCtr(t, "obdtest", "containers", "rm", "record") // the recording ends with the device
-	if !waitFor(20*time.Second, func() bool { _, err := os.Stat(traceFile + ".ok"); return err == nil }) {
-		e.dumpLogs()
-		t.Fatalf("no %s.ok after the container's removal", traceFile)
-	}
-	f, err := os.Open(traceFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	frames, err := trace.ReadBinary(f, 1<<20)
-	f.Close()
-	if err != nil || len(frames) == 0 {
-		t.Fatalf("recorded trace: %d frames, %v", len(frames), err)
-	}
+	frames := waitTrace(t, traceFile)
 
 	// Cold cache: the image's cache lives beside its device, which is gone.
 	caches, _ := filepath.Glob(filepath.Join(e.dir, "snapshotter", "snapshots", "*", "block", "cache"))
@@ -163,6 +152,95 @@ func testTraceLabels(t *testing.T, e *env, ref string) {
 	}
 	e.mustCtr(t, "obdtest", "containers", "rm", "replay")
 	e.waitNoDevice(t)
+}
+
+// waitTrace waits for path.ok, the end of a recording into path, and
+// returns the frames of the upstream binary trace recorded there.
+func waitTrace(t *testing.T, path string) []trace.Frame {
+	t.Helper()
+	if !waitFor(20*time.Second, func() bool { _, err := os.Stat(path + ".ok"); return err == nil }) {
+		t.Fatalf("no %s.ok after the recording container's removal", path)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	frames, err := trace.ReadBinary(f, 1<<20)
+	if err != nil || len(frames) == 0 {
+		t.Fatalf("trace recorded in %s: %d frames, %v", path, len(frames), err)
+	}
+	return frames
+}
+
+// testTraceLabelsAttached records with the labels while another container
+// of the image keeps its device attached, then, on a cold cache and again
+// beside a running container, replays the trace and a path list: the
+// replayed blocks are there before the container reads them.
+func testTraceLabelsAttached(ctx context.Context, t *testing.T, e *env, client *containerd.Client, ref string) {
+	img, err := client.GetImage(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	labels := func(path string) map[string]string {
+		return map[string]string{
+			"containerd.io/snapshot/overlaybd/record-trace":      "yes",
+			"containerd.io/snapshot/overlaybd/record-trace-path": path,
+		}
+	}
+	problems := e.metric(t, "obd_snapshotter_trace_label_problems_total")
+	keeper := startReader(ctx, t, e, client, img, "keeper-rec", nil)
+	keeper.read(1)
+
+	traceFile := filepath.Join(e.dir, "attached.trace")
+	if err := os.WriteFile(traceFile, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	rec := startReader(ctx, t, e, client, img, "recorder", labels(traceFile))
+	if _, err := os.Stat(traceFile + ".lock"); err != nil {
+		t.Fatalf("no recording on the attached device: %v", err)
+	}
+	rec.dropCache()
+	rec.read(1)
+	// Its snapshot's removal (by containerd's garbage collection, soon
+	// after the container's) ends the recording.
+	rec.stop(ctx)
+	waitTrace(t, traceFile)
+	keeper.stop(ctx)
+	e.waitNoDevice(t)
+
+	list := filepath.Join(e.dir, "paths")
+	if err := os.WriteFile(list, []byte("/hello\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, source := range []string{traceFile, list} {
+		// Cold: the image's cache goes with its device's last container.
+		caches, _ := filepath.Glob(filepath.Join(e.dir, "snapshotter", "snapshots", "*", "block", "cache"))
+		for _, c := range caches {
+			os.RemoveAll(c)
+		}
+		keeper := startReader(ctx, t, e, client, img, "keeper-replay", nil)
+		rep := startReader(ctx, t, e, client, img, "replayer", labels(source))
+		if !waitFor(20*time.Second, func() bool { return e.metric(t, "obd_snapshotter_image_replayed_bytes_total") > 0 }) {
+			t.Fatalf("%s: nothing replayed beside a running container", source)
+		}
+		rep.read(1)
+		var hits float64
+		waitFor(5*time.Second, func() bool {
+			hits = e.metric(t, "obd_snapshotter_image_prefetch_hits_total")
+			return hits > 0
+		})
+		if hits == 0 || e.metric(t, "obd_snapshotter_image_replay_errors") != 0 {
+			t.Fatalf("%s: %v prefetch hits, replay errors %v; want hits and no errors", source, hits,
+				e.metric(t, "obd_snapshotter_image_replay_errors"))
+		}
+		rep.stop(ctx)
+		keeper.stop(ctx)
+		e.waitNoDevice(t)
+	}
+	if got := e.metric(t, "obd_snapshotter_trace_label_problems_total"); got != problems {
+		t.Fatalf("trace label problems went from %v to %v", problems, got)
+	}
 }
 
 // testCtrPull pulls with plain `ctr image pull` (the transfer service,
@@ -208,7 +286,7 @@ func testKillSnapshotter(ctx context.Context, t *testing.T, e *env, client *cont
 	if out := e.mustCtr(t, "obdtest", "run", "--snapshotter", "overlaybd", ref, "keeper", "/hello"); !strings.Contains(out, hello) {
 		t.Fatalf("ctr run printed:\n%s", out)
 	}
-	r := startReader(ctx, t, client, img)
+	r := startReader(ctx, t, e, client, img, "reader", nil)
 	r.read(1)
 
 	if err := syscall.Kill(e.snapshotterPID(t), syscall.SIGKILL); err != nil {

@@ -91,6 +91,8 @@ type env struct {
 	ctrBin  string
 	sock    string
 	metrics string
+	// readerBin is the reader containers' program, built on first use.
+	readerBin string
 }
 
 // startEnv starts containerd and the snapshotter with containerd-env.sh,
@@ -109,7 +111,11 @@ func startEnv(t *testing.T, insecureHost, baselayer string) *env {
 	e.vars = append(os.Environ(),
 		"OBD_SNAPSHOTTER_BIN="+sbin, "CONTAINERD_BIN_DIR="+cbin, "OBD_KEEP=1",
 		"OBD_REGISTRY_INSECURE="+insecureHost, "OBD_BASELAYER="+baselayer,
-		"OBD_METRICS_ADDRESS="+e.metrics, "OBD_SERVER_STATS_INTERVAL=200ms")
+		"OBD_METRICS_ADDRESS="+e.metrics, "OBD_SERVER_STATS_INTERVAL=200ms",
+		// 4 KiB cache blocks: replay fetches just a trace's ranges, so a
+		// prefetch hit is not hidden by the mount's own reads of the
+		// hello-world layer's few blocks.
+		"OBD_CACHE_BLOCK_SIZE=4096", "OBD_CACHE_REFILL_SIZE=4096")
 	out := e.script1(t, "start", dir)
 	e.sock = strings.TrimSpace(out)
 	t.Cleanup(func() {

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	containerd "github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/containerd/v2/pkg/oci"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
@@ -53,6 +54,20 @@ func main() {
 }
 `
 
+// readerBinary builds the reader program once per environment.
+func (e *env) readerBinary(t *testing.T) string {
+	t.Helper()
+	if e.readerBin != "" {
+		return e.readerBin
+	}
+	work := t.TempDir()
+	if err := os.WriteFile(filepath.Join(work, "reader.go"), []byte(readerSource), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	e.readerBin = goBuild(t, e.dir, "reader", filepath.Join(work, "reader.go"), true)
+	return e.readerBin
+}
+
 // readerContainer is a running container of the hello-world image that
 // reads /hello on request, through a control directory bind-mounted in.
 type readerContainer struct {
@@ -63,21 +78,20 @@ type readerContainer struct {
 	exited    <-chan containerd.ExitStatus
 }
 
-func startReader(ctx context.Context, t *testing.T, client *containerd.Client, img containerd.Image) *readerContainer {
+// startReader starts a reader container called name whose snapshot
+// carries labels.
+func startReader(ctx context.Context, t *testing.T, e *env, client *containerd.Client, img containerd.Image, name string, labels map[string]string) *readerContainer {
 	t.Helper()
 	work := t.TempDir()
-	if err := os.WriteFile(filepath.Join(work, "reader.go"), []byte(readerSource), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	bin := goBuild(t, work, "reader", filepath.Join(work, "reader.go"), true)
+	bin := e.readerBinary(t)
 	r := &readerContainer{t: t, ctl: filepath.Join(work, "ctl")}
 	if err := os.Mkdir(r.ctl, 0o755); err != nil {
 		t.Fatal(err)
 	}
 	var err error
-	r.container, err = client.NewContainer(ctx, "reader",
+	r.container, err = client.NewContainer(ctx, name,
 		containerd.WithImage(img), containerd.WithSnapshotter("overlaybd"),
-		containerd.WithNewSnapshot("reader-rootfs", img),
+		containerd.WithNewSnapshot(name+"-rootfs", img, snapshots.WithLabels(labels)),
 		containerd.WithNewSpec(oci.WithImageConfig(img), oci.WithProcessArgs("/reader"), oci.WithMounts([]specs.Mount{
 			{Destination: "/reader", Type: "bind", Source: bin, Options: []string{"rbind", "ro"}},
 			{Destination: "/ctl", Type: "bind", Source: r.ctl, Options: []string{"rbind", "rw"}},

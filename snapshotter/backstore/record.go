@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -52,16 +53,18 @@ const lockPollInterval = time.Second
 // recording), the trace is written to <path> at the end (protobuf when the
 // name ends in .pb, upstream's binary otherwise), then <path>.ok appears.
 type recording struct {
-	path    string
-	session *recorder.Session
-	img     *Image
-	stopped chan struct{}
-	result  chan error
+	path     string
+	session  *recorder.Session
+	img      *Image
+	stopOnce sync.Once
+	stopped  chan struct{}
+	done     chan struct{} // closed once err is set
+	err      error
 }
 
 // startRecording begins recording reads of dev into path. It stops when
 // ctx ends, after maxDuration (if > 0), or when the lock file is deleted;
-// wait returns once the trace is written.
+// stop ends it early and returns once the trace is written.
 func startRecording(ctx context.Context, path string, img *Image, dev device.Device, maxDuration time.Duration, log zerolog.Logger) (*recording, error) {
 	major, minor := dev.Dev()
 	bdev, err := bpf.MakeDev(major, minor)
@@ -77,9 +80,15 @@ func startRecording(ctx context.Context, path string, img *Image, dev device.Dev
 		os.Remove(path + ".lock")
 		return nil, err
 	}
-	r := &recording{path: path, session: session, img: img, stopped: make(chan struct{}), result: make(chan error, 1)}
+	r := &recording{path: path, session: session, img: img, stopped: make(chan struct{}), done: make(chan struct{})}
 	log.Info().Str("trace", path).Str("device", dev.Path()).Dur("max", maxDuration).Msg("recording")
-	go func() { r.result <- r.run(ctx, maxDuration, log) }()
+	go func() {
+		r.err = r.run(ctx, maxDuration, log)
+		if r.err != nil {
+			log.Error().Err(r.err).Str("trace", path).Msg("recording failed")
+		}
+		close(r.done)
+	}()
 	return r, nil
 }
 
@@ -112,10 +121,7 @@ wait:
 	if err != nil {
 		return err
 	}
-	layers := make([]trace.Layer, len(r.img.Layers))
-	for i, l := range r.img.Layers {
-		layers[i] = trace.Layer{Digest: l.Digest, Size: l.Size}
-	}
+	layers := r.img.traceLayers()
 	meta := trace.Meta{Source: trace.SourceLabel, Runs: 1, ImageRef: r.img.Remote.Ref,
 		ManifestDigest: r.img.Remote.ManifestDescriptor.Digest, KernelRelease: kernelRelease()}
 	t, err := res.Trace(layers, meta)
@@ -137,14 +143,12 @@ wait:
 	return nil
 }
 
-// stop ends the recording (if still running) and waits for the trace.
+// stop ends the recording (if still running) and waits for the trace. It
+// may be called more than once, from any goroutine.
 func (r *recording) stop() error {
-	select {
-	case <-r.stopped:
-	default:
-		close(r.stopped)
-	}
-	return <-r.result
+	r.stopOnce.Do(func() { close(r.stopped) })
+	<-r.done
+	return r.err
 }
 
 func kernelRelease() string {

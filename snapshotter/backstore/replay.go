@@ -37,7 +37,7 @@ func startReplay(ctx context.Context, cfg Config, img *Image, mon *monitor, log 
 		mon.mu.Unlock()
 	}
 	go func() {
-		t, err := loadTrace(ctx, cfg.TraceFile, img)
+		t, err := loadReplayTrace(ctx, cfg, img)
 		if err != nil {
 			fail(err)
 			return

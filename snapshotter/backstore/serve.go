@@ -33,8 +33,10 @@ type Config struct {
 	// CacheRefillSize is what a cache miss fetches (0 = the cache's default,
 	// 256 KiB as upstream): larger windows cost bytes, smaller ones round trips.
 	CacheRefillSize int64
-	Baselayer       string
-	Registry        registry.Options
+	// CacheBlockSize is the cache's unit of presence (0 = its default).
+	CacheBlockSize int64
+	Baselayer      string
+	Registry       registry.Options
 	// MetricsAddr, when set, serves Prometheus metrics at /metrics.
 	MetricsAddr string
 	// StatsFile is where the stats JSON goes; default state dir/stats.json.
@@ -67,6 +69,7 @@ func Serve(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return err
 	}
+	cfg.Mountpoint = mountpoint // path lists resolve in it
 	stateDir, err := prepareStateDir(cfg.StateRoot, mountpoint)
 	if err != nil {
 		return err
@@ -83,7 +86,9 @@ func Serve(ctx context.Context, cfg Config) (err error) {
 	}()
 	cleanup.push(func() error { return os.RemoveAll(stateDir) })
 
-	cache, err := blobcache.Open(cfg.CacheDir, blobcache.Options{MaxBytes: cfg.CacheMaxBytes, RefillSize: cfg.CacheRefillSize})
+	cache, err := blobcache.Open(cfg.CacheDir, blobcache.Options{
+		MaxBytes: cfg.CacheMaxBytes, RefillSize: cfg.CacheRefillSize, BlockSize: cfg.CacheBlockSize,
+	})
 	if err != nil {
 		return err
 	}
@@ -108,19 +113,15 @@ func Serve(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		log.Warn().Err(err).Str("trace", cfg.TraceFile).Msg("trace path unusable; neither recording nor replaying it")
 	}
+	// The controller outlives the mount: a recording's trace is written
+	// once the filesystem is unmounted.
+	ctl := newController(ctx, cfg, img, dev, log)
+	cleanup.push(ctl.close)
 	if mode == TraceRecord {
 		// Started before ext4 is mounted, so the mount's own reads are in
 		// the trace, as upstream records them.
-		rec, err := startRecording(ctx, cfg.TraceFile, img, dev, cfg.RecordDuration, log)
-		if err != nil {
+		if err := ctl.startRecording(cfg.TraceFile, cfg.RecordDuration); err != nil {
 			log.Error().Err(err).Str("trace", cfg.TraceFile).Msg("recording not started; serving without it")
-		} else {
-			cleanup.push(func() error {
-				if err := rec.stop(); err != nil {
-					log.Error().Err(err).Str("trace", cfg.TraceFile).Msg("recording failed")
-				}
-				return nil
-			})
 		}
 	}
 	if err := unix.Mount(dev.Path(), mountpoint, "ext4", unix.MS_RDONLY, "noload"); err != nil {
@@ -137,9 +138,20 @@ func Serve(ctx context.Context, cfg Config) (err error) {
 		cleanup.push(stop)
 		mon.metricsAddr = addr
 	}
+	ctl.mon = mon
+	control, err := controlSocketPath(stateDir)
+	if err == nil {
+		err = ctl.listen(control)
+	}
+	if err != nil {
+		// Only later record/replay requests need it: serve without.
+		log.Warn().Err(err).Msg("no control channel")
+		control = ""
+	}
 	state := State{
 		Ref: cfg.Ref, Mountpoint: mountpoint, PID: os.Getpid(), PIDStart: processStart(os.Getpid()),
 		Device: dev.Path(), FUSEDir: filepath.Join(stateDir, "fuse"), StatsFile: cfg.StatsFile, Started: time.Now(),
+		Control: control,
 	}
 	if mon.metricsAddr != "" {
 		state.Metrics = mon.metricsAddr

@@ -30,15 +30,18 @@ var ErrNotMounted = errors.New("backstore: not an obdtrace mount")
 // State is what a mount leaves on disk so that it can be found and torn
 // down by another process, also after its serving process died.
 type State struct {
-	Ref        string    `json:"ref"`
-	Mountpoint string    `json:"mountpoint"`
-	PID        int       `json:"pid"`
-	PIDStart   uint64    `json:"pid_start"` // start time of PID, to tell a reused PID apart
-	Device     string    `json:"device"`
-	FUSEDir    string    `json:"fuse_dir"`
-	StatsFile  string    `json:"stats_file"`
-	Metrics    string    `json:"metrics,omitempty"` // address of /metrics`
-	Started    time.Time `json:"started"`
+	Ref        string `json:"ref"`
+	Mountpoint string `json:"mountpoint"`
+	PID        int    `json:"pid"`
+	PIDStart   uint64 `json:"pid_start"` // start time of PID, to tell a reused PID apart
+	Device     string `json:"device"`
+	FUSEDir    string `json:"fuse_dir"`
+	StatsFile  string `json:"stats_file"`
+	Metrics    string `json:"metrics,omitempty"` // address of /metrics
+	// Control is the server's control socket (see SendControl); empty for
+	// a server without one.
+	Control string    `json:"control,omitempty"`
+	Started time.Time `json:"started"`
 }
 
 // StateDir is the state directory of the mount at mountpoint.
