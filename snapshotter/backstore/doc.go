@@ -8,5 +8,9 @@
 // blobcache (the cache), device (the FUSE + loop frontend). This package
 // assembles them, runs replay at mount, keeps per-mount state on disk so a
 // mount can be torn down after its serving process died, and exports
-// metrics and a stats file.
+// metrics and a stats file. A running server takes record, stop-record and
+// replay requests on a unix socket in its state directory (the control
+// channel), so label triggers also work on a device already attached for
+// another container; a replay may name a trace or upstream's path list,
+// whose files' extents (FIEMAP on the mounted ext4) become frames.
 package backstore
