@@ -2,6 +2,7 @@ package backstore
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -95,6 +96,10 @@ func TestControlChannel(t *testing.T) {
 	file.Close()
 	if err != nil || len(frames) == 0 {
 		t.Fatalf("recorded trace: %d frames, %v", len(frames), err)
+	}
+	var ok okStats
+	if data, err := os.ReadFile(f + ".ok"); err != nil || json.Unmarshal(data, &ok) != nil || ok.Frames != len(frames) || ok.Bytes <= 0 {
+		t.Errorf("%s.ok: %+v (%v), want %d frames and their bytes", f, ok, err, len(frames))
 	}
 	if err := send(OpStopRecord, f, 0); !errors.Is(err, ErrNotRecording) {
 		t.Errorf("stopping a finished recording: %v, want ErrNotRecording", err)
