@@ -8,7 +8,7 @@ FUZZTIME  ?= 30s
 BENCHTIME ?= 1s
 PKGS      := ./...
 
-.PHONY: all help deps build test test-short generate lint fuzz bench demo clean
+.PHONY: all help deps build test test-short generate lint fuzz bench bench-coldstart demo clean
 
 all: build
 
@@ -40,6 +40,9 @@ fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 
 bench: ## run the Go benchmarks
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime $(BENCHTIME) $(PKGS)
+
+bench-coldstart: deps build ## cold start through a 25 Mbit/s, 40 ms link: no prefetch, replay, full prefetch, warm (ROUNDS=3)
+	scripts/bench-coldstart.sh --rounds $(or $(ROUNDS),3)
 
 demo: deps build ## the main job end to end on the embedded hello-world image
 	scripts/demo.sh

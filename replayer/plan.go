@@ -4,8 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sort"
 
+	"github.com/google/btree"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/obdtrace/obdtrace/trace"
@@ -50,7 +50,7 @@ type PlanStats struct {
 	Truncated     int   // frames dropped by Options.MaxFrames
 	LayersMatched int   // trace layers found in the image
 	Ranges        int   // prefetch ranges after coalescing
-	Bytes         int64 // blob bytes the ranges cover
+	Bytes         int64 // blob bytes the ranges cover (each byte once)
 }
 
 // Plan is the ordered prefetch work for one image.
@@ -102,14 +102,32 @@ func NewPlan(t *trace.Trace, layers []Layer, opts Options) (*Plan, error) {
 	}
 	p.Ranges = c.ranges
 	p.Stats.Ranges = len(p.Ranges)
-	for _, r := range p.Ranges {
-		p.Stats.Bytes += r.End - r.Start
-	}
+	p.Stats.Bytes = unionBytes(p.Ranges, len(layers))
 	if p.Stats.Matched == 0 && p.Stats.Frames > 0 {
 		return p, fmt.Errorf("%w: %d frames, %d of %d trace layers found", ErrNoMatch,
 			p.Stats.Frames, p.Stats.LayersMatched, len(t.Layers))
 	}
 	return p, nil
+}
+
+// unionBytes is the number of blob bytes the ranges cover: coalescing can
+// grow a range over bytes an earlier one has, so the ranges may overlap.
+func unionBytes(ranges []Range, layers int) int64 {
+	sets := make([]intervals, layers)
+	for _, r := range ranges {
+		sets[r.Layer].add(r.Start, r.End)
+	}
+	var n int64
+	for i := range sets {
+		if sets[i].t == nil {
+			continue
+		}
+		sets[i].t.Ascend(func(v span) bool {
+			n += v.end - v.start
+			return true
+		})
+	}
+	return n
 }
 
 // matchLayers returns, for each trace layer, the image layer it is (or -1).
@@ -176,23 +194,50 @@ func (c *coalescer) add(r Range) {
 	c.ranges = append(c.ranges, r)
 }
 
-// intervals is a sorted set of disjoint half-open intervals.
-type intervals struct{ starts, ends []int64 }
+// intervals is a set of disjoint half-open intervals, kept in a B-tree by
+// start so that a trace of a million frames plans in O(n log n): a sorted
+// slice with inserts in the middle made that quadratic.
+type intervals struct{ t *btree.BTreeG[span] }
+
+type span struct{ start, end int64 }
+
+func (s *intervals) init() {
+	if s.t == nil {
+		s.t = btree.NewG(32, func(a, b span) bool { return a.start < b.start })
+	}
+}
 
 func (s *intervals) contains(start, end int64) bool {
-	i := sort.Search(len(s.ends), func(i int) bool { return s.ends[i] >= end })
-	return i < len(s.starts) && s.starts[i] <= start
+	s.init()
+	in := false
+	s.t.DescendLessOrEqual(span{start: start}, func(v span) bool {
+		in = v.end >= end
+		return false
+	})
+	return in
 }
 
 func (s *intervals) add(start, end int64) {
-	// The first interval that ends at or after start may merge; so may the
-	// ones after it up to the first that starts after end.
-	i := sort.Search(len(s.ends), func(i int) bool { return s.ends[i] >= start })
-	j := i
-	for j < len(s.starts) && s.starts[j] <= end {
-		start, end = min(start, s.starts[j]), max(end, s.ends[j])
-		j++
+	s.init()
+	// The interval starting at or before start may reach it; so may those
+	// starting up to end.
+	var merged []span
+	s.t.DescendLessOrEqual(span{start: start}, func(v span) bool {
+		if v.end >= start {
+			merged = append(merged, v)
+		}
+		return false
+	})
+	s.t.AscendGreaterOrEqual(span{start: start}, func(v span) bool {
+		if v.start > end {
+			return false
+		}
+		merged = append(merged, v)
+		return true
+	})
+	for _, v := range merged {
+		start, end = min(start, v.start), max(end, v.end)
+		s.t.Delete(v)
 	}
-	s.starts = append(s.starts[:i], append([]int64{start}, s.starts[j:]...)...)
-	s.ends = append(s.ends[:i], append([]int64{end}, s.ends[j:]...)...)
+	s.t.ReplaceOrInsert(span{start, end})
 }

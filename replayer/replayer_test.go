@@ -27,7 +27,7 @@ type testBlob struct {
 	dgst  digest.Digest
 }
 
-func newTestBlob(t *testing.T, seed uint64, size int64) testBlob {
+func newTestBlob(t testing.TB, seed uint64, size int64) testBlob {
 	t.Helper()
 	dir := t.TempDir()
 	w, err := lsmt.CreateWritable(filepath.Join(dir, "d"), filepath.Join(dir, "i"), lsmt.WritableOptions{VirtualSize: size})

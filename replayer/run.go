@@ -19,6 +19,10 @@ const (
 	// DefaultFullFetchWorkers keeps the background phase light: it runs
 	// after start-up, beside the application's own reads.
 	DefaultFullFetchWorkers = 4
+	// DefaultMaxFrames bounds the frames a plan takes: a start-up trace has
+	// thousands (python3 importing numpy: 699), and a trace far beyond this
+	// is truncated, with the rest counted, rather than planned for minutes.
+	DefaultMaxFrames = 1 << 20
 )
 
 // Options tune planning and replay. Zero values take the defaults.
@@ -26,7 +30,7 @@ type Options struct {
 	Workers   int   // concurrent prefetch ranges (upstream: 16)
 	MergeSize int64 // largest range coalescing may build
 	MergeGap  int64 // ranges of one blob this close are joined
-	MaxFrames int   // frames beyond this are dropped and counted; 0 = all
+	MaxFrames int   // frames beyond this are dropped and counted; 0 = DefaultMaxFrames
 	// BytesPerSecond caps the trace phase's fetching; 0 = no cap.
 	BytesPerSecond int64
 	// FullFetch fetches the rest of every layer after the trace phase.
@@ -48,6 +52,9 @@ func (o Options) withDefaults() Options {
 		o.MergeGap = 0
 	} else if o.MergeGap == 0 {
 		o.MergeGap = DefaultMergeGap
+	}
+	if o.MaxFrames <= 0 {
+		o.MaxFrames = DefaultMaxFrames
 	}
 	if o.FullFetchWorkers <= 0 {
 		o.FullFetchWorkers = DefaultFullFetchWorkers

@@ -1,0 +1,168 @@
+package coldstart
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/obdtrace/obdtrace/internal/atomicfile"
+	"github.com/obdtrace/obdtrace/internal/testutil"
+	"github.com/obdtrace/obdtrace/internal/testutil/registry"
+	"github.com/obdtrace/obdtrace/internal/testutil/testdata"
+	"github.com/obdtrace/obdtrace/internal/wanproxy"
+)
+
+// The issue's link: 25 Mbit/s, 40 ms round trip.
+var link = wanproxy.Options{BytesPerSecond: 25_000_000 / 8, RTT: 40 * time.Millisecond}
+
+// pythonImports is the start-up of a Python application: the interpreter,
+// numpy (with its BLAS/LAPACK shared libraries) and a set of standard
+// modules an application server imports.
+const pythonImports = `import numpy, json, email.parser, http.client, sqlite3, urllib.request, logging, decimal, ` +
+	`asyncio, xml.etree.ElementTree, csv, hashlib, ssl, argparse, subprocess, datetime, uuid; ` +
+	`c = sqlite3.connect(":memory:"); c.execute("create table t (x)"); ` +
+	`print("ok", numpy.__version__, int(numpy.arange(1000).sum()), json.dumps({"n": c.execute("select count(*) from t").fetchone()[0]}))`
+
+const helloSHA256 = "d3f7d10e296e5c626ea78539cb38cd8dffd043bea3627da35ce3b20c0ac68014"
+
+// BenchmarkColdStart runs the four variants on the hello-world image and
+// on the python3 + numpy image (built by scripts/bench-coldstart.sh), each
+// for OBDTRACE_COLDSTART_ROUNDS rounds (default 3) within one iteration:
+// run it with -benchtime 1x and OBDTRACE_COLDSTART=1. With OBDTRACE_COLDSTART_OUT set, the table
+// and chart of each image are written there.
+func BenchmarkColdStart(b *testing.B) {
+	if os.Getenv("OBDTRACE_COLDSTART") != "1" {
+		b.Skip("takes minutes: set OBDTRACE_COLDSTART=1 (scripts/bench-coldstart.sh does)")
+	}
+	testutil.RequireRoot(b, "loop devices, FUSE, mount, eBPF, chroot")
+	b.Run("hello-world", func(b *testing.B) {
+		reg := registry.Start(b, registry.Options{})
+		ref := reg.PushHelloWorld(b)
+		runBench(b, "hello-world", Config{Ref: ref, Upstream: "http://" + reg.Host, Baselayer: testdata.Baselayer(b), Workload: readHello})
+	})
+	b.Run("python3-numpy", func(b *testing.B) {
+		layout := os.Getenv("OBDTRACE_COLDSTART_IMAGE")
+		if layout == "" {
+			layout = "/var/cache/obdtrace/testdata/python3-numpy-obd"
+		}
+		if _, err := os.Stat(filepath.Join(layout, "index.json")); err != nil {
+			testutil.Missing(b, "no converted image at %s: run scripts/bench-coldstart.sh --build-image", layout)
+		}
+		reg := registry.Start(b, registry.Options{})
+		reg.PushRef(b, layout, "obd", "python3-numpy:obd")
+		runBench(b, "python3-numpy", Config{Ref: reg.Host + "/python3-numpy:obd", Upstream: "http://" + reg.Host, Workload: pythonStart})
+	})
+}
+
+func runBench(b *testing.B, name string, cfg Config) {
+	cfg.Link, cfg.Rounds, cfg.Work = link, int(envInt(b, "OBDTRACE_COLDSTART_ROUNDS", 3)), b.TempDir()
+	logf, err := os.Create(filepath.Join(cfg.Work, "serve.log"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer logf.Close()
+	cfg.Logger = zerolog.New(logf).Level(zerolog.WarnLevel)
+	cfg.RefillSize = envInt(b, "OBDTRACE_COLDSTART_REFILL", 0)
+	cfg.Replay.Workers = int(envInt(b, "OBDTRACE_COLDSTART_WORKERS", 0))
+	cfg.Replay.MergeSize = envInt(b, "OBDTRACE_COLDSTART_MERGE", 0)
+	if s := os.Getenv("OBDTRACE_COLDSTART_VARIANTS"); s != "" { // e.g. "0,1": no prefetch and replay only
+		for _, f := range strings.Split(s, ",") {
+			n, err := strconv.Atoi(f)
+			if err != nil || n < 0 || n >= int(numVariants) {
+				b.Fatalf("OBDTRACE_COLDSTART_VARIANTS=%q: want indexes 0-3", s)
+			}
+			cfg.Variants = append(cfg.Variants, Variant(n))
+		}
+	}
+	cfg.Progress = func(s Sample) {
+		b.Logf("%s round %d %-13s %6.2f s  %6.1f MB  %4d requests  demand %d (p99 %v)  prefetch hits %d late %d",
+			name, s.Round, s.Variant, s.Start.Seconds(), float64(s.LinkBytes)/1e6, s.Requests,
+			s.Cache.DemandFetches, s.Cache.DemandP99.Round(time.Millisecond), s.Cache.PrefetchHits, s.Cache.PrefetchLate)
+	}
+	var res *Result
+	for range b.N {
+		var err error
+		if res, err = Run(context.Background(), cfg); err != nil {
+			b.Fatal(err)
+		}
+	}
+	sum := res.Summarize()
+	for _, v := range Variants {
+		unit := strings.ReplaceAll(v.String(), " ", "-")
+		b.ReportMetric(sum[v].Start.Seconds(), "s/"+unit)
+		b.ReportMetric(float64(sum[v].LinkBytes)/1e6, "MB/"+unit)
+	}
+	c := res.Check()
+	b.ReportMetric(c.Speedup, "speedup")
+	b.ReportMetric(c.BoundRatio, "x-bound")
+	b.ReportMetric(c.DemandRatio, "x-demand-p99")
+	var md bytes.Buffer
+	if err := res.WriteMarkdown(&md, name); err != nil {
+		b.Fatal(err)
+	}
+	b.Logf("\n%s", md.String())
+	if out := os.Getenv("OBDTRACE_COLDSTART_OUT"); out != "" {
+		writeOut(b, out, name, res, md.Bytes())
+	}
+}
+
+func writeOut(b *testing.B, dir, name string, res *Result, md []byte) {
+	if err := atomicfile.Write(filepath.Join(dir, "coldstart-"+name+".md"), md, 0o644); err != nil {
+		b.Fatal(err)
+	}
+	var png bytes.Buffer
+	title := fmt.Sprintf("Cold start, %s, %s / %v RTT: median of %d rounds", name, rateString(res.Link.BytesPerSecond), res.Link.RTT, len(res.Samples)/int(numVariants))
+	if err := WriteChart(&png, title, res.Summarize()); err != nil {
+		b.Fatal(err)
+	}
+	if err := atomicfile.Write(filepath.Join(dir, "coldstart-"+name+".png"), png.Bytes(), 0o644); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// envInt reads a non-negative integer setting from the environment.
+func envInt(b *testing.B, name string, def int64) int64 {
+	s := os.Getenv(name)
+	if s == "" {
+		return def
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n < 0 {
+		b.Fatalf("%s=%q: want a non-negative integer", name, s)
+	}
+	return n
+}
+
+// readHello reads /hello, the whole start-up of the hello-world image.
+func readHello(_ context.Context, root string) error {
+	data, err := os.ReadFile(filepath.Join(root, "hello"))
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrWorkload, err)
+	}
+	if sum := sha256.Sum256(data); hex.EncodeToString(sum[:]) != helloSHA256 {
+		return fmt.Errorf("%w: /hello has sha256 %x", ErrWorkload, sum)
+	}
+	return nil
+}
+
+// pythonStart runs the Python start-up in a chroot of the image.
+func pythonStart(ctx context.Context, root string) error {
+	cmd := exec.CommandContext(ctx, "chroot", root, "/usr/bin/python3", "-c", pythonImports)
+	cmd.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/root", "LANG=C.UTF-8"}
+	out, err := cmd.CombinedOutput()
+	if err != nil || !bytes.HasPrefix(out, []byte("ok ")) {
+		return fmt.Errorf("%w: python3: %v: %s", ErrWorkload, err, out)
+	}
+	return nil
+}
