@@ -19,10 +19,11 @@ const commitFileName = "overlaybd.commit"
 
 // commitLayer writes the blob of a converted layer into dir: the blocks of
 // disk that differ from base over candidates, committed as an LSMT layer,
-// compressed as upstream's converter does (ZFile, LZ4, 4 KiB blocks, CRC;
-// the header rewritten at the end) and wrapped in the PAX tar header its
-// commit tool writes. It returns the blob's path and descriptor.
-func commitLayer(dir string, disk, base io.ReaderAt, candidates []lsmt.Segment, args lsmt.CommitArgs) (cachedBlob, lsmt.ChangeStats, error) {
+// compressed as upstream's converter does (ZFile, by default LZ4 with 4 KiB
+// blocks and CRCs; the header rewritten at the end) and wrapped in the PAX
+// tar header its commit tool writes. It returns the blob's path and
+// descriptor.
+func commitLayer(dir string, disk, base io.ReaderAt, candidates []lsmt.Segment, args lsmt.CommitArgs, zopts zfile.Options) (cachedBlob, lsmt.ChangeStats, error) {
 	zf, err := os.CreateTemp(dir, "zfile-*")
 	if err != nil {
 		return cachedBlob{}, lsmt.ChangeStats{}, fmt.Errorf("convert: %w", err)
@@ -31,7 +32,7 @@ func commitLayer(dir string, disk, base io.ReaderAt, candidates []lsmt.Segment, 
 		zf.Close()
 		os.Remove(zf.Name())
 	}()
-	zw, err := zfile.NewWriter(zf, zfile.Options{})
+	zw, err := zfile.NewWriter(zf, zopts)
 	if err != nil {
 		return cachedBlob{}, lsmt.ChangeStats{}, fmt.Errorf("convert: %w", err)
 	}
@@ -141,4 +142,30 @@ type openedBlob struct {
 func (b *openedBlob) Close() error {
 	b.Blob.Close()
 	return b.f.Close()
+}
+
+// checkZFileOptions refuses compression settings that neither this project
+// nor upstream reads, before any layer is built.
+func checkZFileOptions(o zfile.Options) error {
+	switch o.Algorithm {
+	case zfile.MiniLZO, zfile.LZ4, zfile.ZSTD: // MiniLZO, the zero value, means LZ4
+	default:
+		return fmt.Errorf("%w: compression %v: want lz4 or zstd", ErrOptions, o.Algorithm)
+	}
+	if bs := o.BlockSize; bs != 0 && (bs < 4<<10 || bs > 64<<10 || bs&(bs-1) != 0) {
+		return fmt.Errorf("%w: ZFile block size %d: want a power of two from 4 KiB to 64 KiB", ErrOptions, bs)
+	}
+	if o.Level < 0 || o.Level > 22 {
+		return fmt.Errorf("%w: zstd level %d: want 1 to 22 (0 for the default, 3)", ErrOptions, o.Level)
+	}
+	return nil
+}
+
+// zfileKey is the part of a layer's cache key that says how it was
+// compressed: blobs built with other settings must not be reused.
+func zfileKey(o zfile.Options) string {
+	if o == (zfile.Options{}) {
+		return "" // upstream's settings: keep the keys of existing caches
+	}
+	return fmt.Sprintf(" zfile=%v/%d/%d/%t", o.Algorithm, o.BlockSize, o.Level, o.NoVerify)
 }

@@ -134,7 +134,7 @@ func (c *Converter) commitBuilt(b *builtLayer, tmp string, res *LayerResult) err
 			return err
 		}
 	}
-	blob, st, err := commitLayer(tmp, b.view, b.base, b.candidates, args)
+	blob, st, err := commitLayer(tmp, b.view, b.base, b.candidates, args, c.opts.ZFile)
 	if err != nil {
 		return fmt.Errorf("layer %d: %w", b.src.index, err)
 	}

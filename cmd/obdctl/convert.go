@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/obdtrace/obdtrace/convert"
+	"github.com/obdtrace/obdtrace/lsmt/zfile"
 )
 
 type convertFlags struct {
@@ -23,6 +24,9 @@ type convertFlags struct {
 	workDir     string
 	concurrency int
 	asJSON      bool
+	compression string
+	blockKiB    int
+	zstdLevel   int
 }
 
 func newConvertCommand() *cobra.Command {
@@ -68,6 +72,9 @@ func newConvertCommand() *cobra.Command {
 	fl.StringVar(&f.workDir, "work-dir", "", "where layers are built (about the image's unpacked size; default $TMPDIR)")
 	fl.IntVar(&f.concurrency, "concurrency", convert.DefaultConcurrency, "blob downloads and uploads in flight")
 	fl.BoolVar(&f.asJSON, "json", false, "print the result as JSON")
+	fl.StringVar(&f.compression, "compression", "lz4", "ZFile block compression of the layer blobs: lz4 (upstream's default) or zstd (about half the bytes on the wire)")
+	fl.IntVar(&f.blockKiB, "block-size", 4, "ZFile block size in KiB: 4, 8, 16, 32 or 64 (larger blocks compress better, a miss fetches more)")
+	fl.IntVar(&f.zstdLevel, "zstd-level", 0, "zstd level, 1 to 22 (0: 3, upstream's)")
 	return cmd
 }
 
@@ -79,6 +86,21 @@ func (f *convertFlags) options(cmd *cobra.Command, args []string) (convert.Optio
 		WorkDir:     f.workDir,
 		Concurrency: f.concurrency,
 		Logger:      *zerolog.Ctx(cmd.Context()),
+		ZFile:       zfile.Options{BlockSize: f.blockKiB << 10, Level: f.zstdLevel},
+	}
+	switch f.compression {
+	case "lz4":
+		opts.ZFile.Algorithm = zfile.LZ4
+		if f.zstdLevel != 0 {
+			return opts, fmt.Errorf("--zstd-level %d: only with --compression zstd", f.zstdLevel)
+		}
+	case "zstd":
+		opts.ZFile.Algorithm = zfile.ZSTD
+	default:
+		return opts, fmt.Errorf("--compression %q: want lz4 or zstd", f.compression)
+	}
+	if opts.ZFile == (zfile.Options{Algorithm: zfile.LZ4, BlockSize: 4 << 10}) {
+		opts.ZFile = zfile.Options{} // upstream's settings: reuse caches built before these flags
 	}
 	if !f.mkfs {
 		opts.Baselayer = f.baselayer
