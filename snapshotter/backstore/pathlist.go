@@ -89,6 +89,13 @@ func loadReplayTrace(ctx context.Context, cfg Config, img *Image) (*trace.Trace,
 	if err != nil {
 		return nil, err
 	}
+	if cfg.mounted != nil {
+		select {
+		case <-cfg.mounted:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
 	t, st, err := PathListTrace(ctx, cfg.Mountpoint, paths, img)
 	if err != nil {
 		return nil, err

@@ -56,6 +56,10 @@ type Config struct {
 	Logger   zerolog.Logger
 	// Ready is called once the filesystem is mounted.
 	Ready func(State)
+
+	// mounted, when set, is closed once ext4 is mounted at Mountpoint
+	// (a path list can be resolved only then).
+	mounted <-chan struct{}
 }
 
 // Serve mounts cfg.Ref at cfg.Mountpoint and serves it until ctx ends, then
@@ -124,12 +128,27 @@ func Serve(ctx context.Context, cfg Config) (err error) {
 			log.Error().Err(err).Str("trace", cfg.TraceFile).Msg("recording not started; serving without it")
 		}
 	}
+	mon := newMonitor(cfg.Ref, mountpoint, img, cache)
+	// Replay starts before ext4 is mounted, as upstream's does, so the
+	// mount's own reads (superblock, group descriptors, root directory)
+	// already find the trace's first blocks coming; a path list waits for
+	// the mount inside, since it is resolved through the filesystem.
+	mounted := make(chan struct{})
+	cfg.mounted = mounted
+	replayCtx, stopReplay := context.WithCancel(ctx)
+	cleanup.push(func() error { stopReplay(); return nil })
+	if !cfg.NoReplay && mode != TraceRecord {
+		if mode != TraceReplay {
+			cfg.TraceFile = "" // absent: the image's own trace layer, if any
+		}
+		startReplay(replayCtx, cfg, img, mon, log)
+	}
 	if err := unix.Mount(dev.Path(), mountpoint, "ext4", unix.MS_RDONLY, "noload"); err != nil {
 		return fmt.Errorf("backstore: mount %s on %s: %w", dev.Path(), mountpoint, err)
 	}
+	close(mounted)
 	cleanup.push(func() error { return unmountIfMounted(mountpoint) })
 
-	mon := newMonitor(cfg.Ref, mountpoint, img, cache)
 	if cfg.MetricsAddr != "" {
 		addr, stop, err := serveMetrics(cfg.MetricsAddr, mon, cache, log)
 		if err != nil {
@@ -161,14 +180,6 @@ func Serve(ctx context.Context, cfg Config) (err error) {
 	}
 	log.Info().Str("device", dev.Path()).Str("mountpoint", mountpoint).Msg("mounted")
 
-	replayCtx, stopReplay := context.WithCancel(ctx)
-	cleanup.push(func() error { stopReplay(); return nil })
-	if !cfg.NoReplay && mode != TraceRecord {
-		if mode != TraceReplay {
-			cfg.TraceFile = "" // absent: the image's own trace layer, if any
-		}
-		startReplay(replayCtx, cfg, img, mon, log)
-	}
 	// The stats file describes this mount before anyone is told it is up.
 	mon.write(cfg.StatsFile, log)
 	if cfg.Ready != nil {
