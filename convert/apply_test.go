@@ -8,24 +8,15 @@ import (
 	"strings"
 	"testing"
 	"time"
-)
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("this test needs root (it unpacks with ownership)")
-	}
-	t.Skip("needs root (it unpacks with ownership)")
-}
+	"github.com/obdtrace/obdtrace/internal/testutil"
+)
 
 // TestApplyDirectoryTimes applies a layer to a plain directory and checks
 // the times of the directories it changed: unnamed ones keep theirs,
 // created parents get the layer's newest mtime, named ones the tar's.
 func TestApplyDirectoryTimes(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, "it unpacks with ownership")
 	root := t.TempDir()
 	t0 := time.Date(2020, 1, 1, 0, 0, 0, 0, time.UTC)
 	for _, d := range []string{"a", "keep", "gone"} {
@@ -79,7 +70,7 @@ func TestApplyDirectoryTimes(t *testing.T) {
 // TestApplyRejectsBadTar checks that a tar that is not one fails the
 // apply with an error rather than a partial success.
 func TestApplyRejectsBadTar(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, "it unpacks with ownership")
 	err := applyLayer(context.Background(), t.TempDir(), strings.NewReader(strings.Repeat("not a tar ", 100)))
 	if err == nil {
 		t.Fatal("garbage applied without an error")

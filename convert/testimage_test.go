@@ -18,6 +18,8 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/opencontainers/image-spec/specs-go"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/obdtrace/obdtrace/internal/testutil"
 )
 
 // testLayer is a layer tar of a test image and how to compress it.
@@ -182,12 +184,7 @@ func debianRootfsTar(t testing.TB) string {
 		return path
 	}
 	for _, tool := range []string{"debootstrap", "tar"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			if os.Getenv("CI") == "true" {
-				t.Fatalf("%s is required under CI (scripts/install-deps.sh installs it)", tool)
-			}
-			t.Skipf("%s not installed", tool)
-		}
+		testutil.RequireTool(t, tool)
 	}
 	if err := os.MkdirAll(cacheDir, 0o755); err != nil {
 		t.Fatal(err)

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/obdtrace/obdtrace/internal/testutil"
 	"github.com/obdtrace/obdtrace/internal/testutil/testdata"
 	"github.com/obdtrace/obdtrace/lsmt"
 )
@@ -33,25 +34,11 @@ func openBlobFile(t *testing.T, path string) *lsmt.Blob {
 	return b
 }
 
-// needTool fails under CI and skips elsewhere when a command is missing.
-func needTool(t *testing.T, name string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err == nil {
-		return p
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("%s is required under CI (make deps installs it): %v", name, err)
-	}
-	t.Skipf("%s not installed (make deps installs it)", name)
-	return ""
-}
-
 // TestUpstreamHelloWorld is the compatibility check: the upstream baselayer
 // and hello-world layer, stacked, exported and read with debugfs, give the
 // bytes of /hello in the original image.
 func TestUpstreamHelloWorld(t *testing.T) {
-	debugfs := needTool(t, "debugfs")
+	debugfs := testutil.RequireTool(t, "debugfs")
 	base := openBlobFile(t, testdata.Baselayer(t))
 	hello := openBlobFile(t, testdata.Blob(t, testdata.HelloLayerDigest))
 

@@ -14,6 +14,7 @@ import (
 
 	"github.com/obdtrace/obdtrace/bpf"
 	"github.com/obdtrace/obdtrace/bpf/bpftest"
+	"github.com/obdtrace/obdtrace/internal/testutil"
 	"github.com/obdtrace/obdtrace/internal/testutil/registry"
 	"github.com/obdtrace/obdtrace/internal/testutil/testdata"
 	"github.com/obdtrace/obdtrace/lsmt"
@@ -71,7 +72,7 @@ func fileExtents(t *testing.T, dev, path string) [][2]int64 {
 // real registry and reads it back.
 func TestRecordHelloWorldEndToEnd(t *testing.T) {
 	bpftest.Require(t)
-	bpftest.RequireTool(t, "debugfs")
+	testutil.RequireTool(t, "debugfs")
 	base, baseLayer := openBlob(t, testdata.Baselayer(t))
 	hello, helloLayer := openBlob(t, testdata.Blob(t, testdata.HelloLayerDigest))
 	stack, err := lsmt.NewStack([]lsmt.StackLayer{base, hello})

@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -22,6 +21,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/rs/zerolog"
 
+	"github.com/obdtrace/obdtrace/internal/testutil"
 	"github.com/obdtrace/obdtrace/internal/testutil/registry"
 	"github.com/obdtrace/obdtrace/internal/testutil/testdata"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore"
@@ -38,7 +38,7 @@ type imageWorld struct {
 
 func newImageWorld(t *testing.T) *imageWorld {
 	t.Helper()
-	requireRoot(t)
+	testutil.RequireRoot(t, "overlayfs, loop devices, FUSE, mount")
 	reg := registry.Start(t, registry.Options{})
 	ref := reg.PushHelloWorld(t)
 	cfg := testConfig(t)
@@ -53,29 +53,11 @@ func newImageWorld(t *testing.T) *imageWorld {
 		if err := StopServers(context.Background(), cfg, zerolog.Nop()); err != nil {
 			t.Errorf("stop servers: %v", err)
 		}
-		if l := leftovers(cfg.Root); len(l) > 0 {
+		if l := testutil.Leftovers(cfg.Root); len(l) > 0 {
 			t.Errorf("left behind:\n%s", strings.Join(l, "\n"))
 		}
 	})
 	return w
-}
-
-// leftovers lists mounts and loop devices below dir.
-func leftovers(dir string) []string {
-	var found []string
-	mounts, _ := os.ReadFile("/proc/self/mountinfo")
-	for _, l := range strings.Split(string(mounts), "\n") {
-		if f := strings.Fields(l); len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
-			found = append(found, "mount "+f[4])
-		}
-	}
-	loops, _ := exec.Command("losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE").Output()
-	for _, l := range strings.Split(string(loops), "\n") {
-		if strings.Contains(l, dir+"/") {
-			found = append(found, "loop "+l)
-		}
-	}
-	return found
 }
 
 // readHello mounts a snapshot's mounts, checks /hello and unmounts.
@@ -207,7 +189,7 @@ func TestImageLifecycle(t *testing.T) {
 	if _, ok := serverState(t, sn, id); ok || serverAlive(st3) {
 		t.Fatal("the server outlived its last container")
 	}
-	if l := leftovers(w.cfg.Root); len(l) > 0 {
+	if l := testutil.Leftovers(w.cfg.Root); len(l) > 0 {
 		t.Fatalf("after the last container:\n%s", strings.Join(l, "\n"))
 	}
 	if err := sn.Remove(ctx, target); err != nil {

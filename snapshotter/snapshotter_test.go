@@ -17,6 +17,8 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"github.com/rs/zerolog"
+
+	"github.com/obdtrace/obdtrace/internal/testutil"
 )
 
 // serverEnv makes the test binary act as an image server (the snapshotter
@@ -51,17 +53,6 @@ func serveForTest() int {
 	return 0
 }
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("this test needs root (overlayfs, loop devices, FUSE, mount)")
-	}
-	t.Skip("needs root (overlayfs, loop devices, FUSE, mount)")
-}
-
 func testContext() context.Context {
 	return namespaces.WithNamespace(context.Background(), "test")
 }
@@ -91,7 +82,7 @@ func testConfig(t *testing.T) Config {
 // ordinary layers the snapshotter must behave as containerd's overlay
 // (the suite's name "overlayfs" tells it overlayfs's known limits).
 func TestOverlayConformance(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, "overlayfs, loop devices, FUSE, mount")
 	for _, async := range []bool{false, true} {
 		t.Run(fmt.Sprintf("async_remove=%v", async), func(t *testing.T) {
 			testsuite.SnapshotterSuite(t, "overlayfs", func(ctx context.Context, root string) (snapshots.Snapshotter, func() error, error) {

@@ -14,13 +14,14 @@ import (
 	"time"
 
 	"github.com/obdtrace/obdtrace/bpf/bpftest"
+	"github.com/obdtrace/obdtrace/internal/testutil"
 )
 
 // buildRecorder builds the real binary, so the tests exercise flags, signals
 // and exit codes exactly as a user would.
 func buildRecorder(t *testing.T) string {
 	t.Helper()
-	goBin := bpftest.RequireTool(t, "go")
+	goBin := testutil.RequireTool(t, "go")
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "obd-recorder")
 	out, err := exec.Command(goBin, "build", "-o", bin, ".").CombinedOutput()

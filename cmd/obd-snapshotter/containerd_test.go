@@ -11,6 +11,8 @@ import (
 
 	containerd "github.com/containerd/containerd/v2/client"
 
+	"github.com/obdtrace/obdtrace/internal/testutil"
+	"github.com/obdtrace/obdtrace/internal/testutil/ctrenv"
 	"github.com/obdtrace/obdtrace/internal/testutil/registry"
 	"github.com/obdtrace/obdtrace/internal/testutil/testdata"
 	"github.com/obdtrace/obdtrace/snapshotter/rpull"
@@ -26,20 +28,27 @@ func TestContainerd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("integration test (containerd, registry): not with -short")
 	}
-	requireRoot(t)
+	ctrenv.RequireRoot(t)
 	reg := registry.Start(t, registry.Options{})
 	obdRef := reg.PushHelloWorld(t)
 	reg.PushIndex(t, registry.HelloWorldOCI(t), "hello-plain", registry.DockerList, "latest")
 	plainRef := reg.Host + "/hello-plain:latest"
-	e := startEnv(t, reg.Host, testdata.Baselayer(t))
+	e := ctrenv.Start(t, ctrenv.Options{InsecureHost: reg.Host, Baselayer: testdata.Baselayer(t), Env: []string{
+		// 4 KiB cache blocks: replay fetches just a trace's ranges, so a
+		// prefetch hit is not hidden by the mount's own reads of the
+		// hello-world layer's few blocks.
+		"OBD_CACHE_BLOCK_SIZE=4096", "OBD_CACHE_REFILL_SIZE=4096",
+	}})
+	// Built here, not in the subtests, so it outlives each of them.
+	reader := ctrenv.BuildProgram(t, "reader", readerSource)
 
-	st, err := os.Stat(filepath.Join(e.dir, "snapshotter.sock"))
+	st, err := os.Stat(filepath.Join(e.Dir, "snapshotter.sock"))
 	if err != nil || st.Mode().Perm() != 0o600 {
 		t.Fatalf("snapshotter socket: %v, mode %v (want 0600)", err, st.Mode().Perm())
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	client, err := containerd.New(e.sock, containerd.WithDefaultNamespace("obdtest"))
+	client, err := containerd.New(e.Sock, containerd.WithDefaultNamespace("obdtest"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,20 +56,20 @@ func TestContainerd(t *testing.T) {
 
 	t.Run("rpull and run overlaybd", func(t *testing.T) { testRunOverlaybd(ctx, t, e, client, obdRef) })
 	t.Run("record and replay by labels", func(t *testing.T) { testTraceLabels(t, e, obdRef) })
-	t.Run("record and replay on an attached device", func(t *testing.T) { testTraceLabelsAttached(ctx, t, e, client, obdRef) })
+	t.Run("record and replay on an attached device", func(t *testing.T) { testTraceLabelsAttached(ctx, t, e, client, reader, obdRef) })
 	t.Run("ctr pull and run overlaybd", func(t *testing.T) { testCtrPull(t, e, obdRef) })
 	t.Run("run plain OCI", func(t *testing.T) { testRunPlain(ctx, t, e, client, plainRef) })
-	t.Run("kill -9 while running", func(t *testing.T) { testKillSnapshotter(ctx, t, e, client, obdRef) })
+	t.Run("kill -9 while running", func(t *testing.T) { testKillSnapshotter(ctx, t, e, client, reader, obdRef) })
 	t.Run("nothing left", func(t *testing.T) {
 		for ns, refs := range map[string][]string{"obdtest": {obdRef, plainRef}, "obdtest-ctr": {obdRef}} {
-			e.mustCtr(t, ns, append([]string{"images", "rm", "--sync"}, refs...)...)
+			e.MustCtr(t, ns, append([]string{"images", "rm", "--sync"}, refs...)...)
 		}
-		dir := filepath.Join(e.dir, "snapshotter", "snapshots")
-		if !waitFor(10*time.Second, func() bool { entries, _ := os.ReadDir(dir); return len(entries) == 0 }) {
+		dir := filepath.Join(e.Dir, "snapshotter", "snapshots")
+		if !ctrenv.WaitFor(10*time.Second, func() bool { entries, _ := os.ReadDir(dir); return len(entries) == 0 }) {
 			entries, _ := os.ReadDir(dir)
 			t.Fatalf("%d snapshot directories left after removing every image", len(entries))
 		}
-		if l := leftovers(e.dir); len(l) > 0 {
+		if l := testutil.Leftovers(e.Dir); len(l) > 0 {
 			t.Fatalf("left behind:\n%s", strings.Join(l, "\n"))
 		}
 	})
@@ -69,7 +78,7 @@ func TestContainerd(t *testing.T) {
 // testRunOverlaybd pulls the overlaybd image without downloading its layer,
 // runs /hello, and checks that the device fetched only part of the layer
 // and went away with the container.
-func testRunOverlaybd(ctx context.Context, t *testing.T, e *env, client *containerd.Client, ref string) {
+func testRunOverlaybd(ctx context.Context, t *testing.T, e *ctrenv.Env, client *containerd.Client, ref string) {
 	res, err := rpull.Pull(ctx, client, ref, rpull.Options{PlainHTTP: true})
 	if err != nil {
 		t.Fatal(err)
@@ -77,35 +86,35 @@ func testRunOverlaybd(ctx context.Context, t *testing.T, e *env, client *contain
 	if res.Layers != 1 || res.Downloaded != 0 {
 		t.Fatalf("rpull: %d layers, %d downloaded; want 1 remote layer", res.Layers, res.Downloaded)
 	}
-	out := e.mustCtr(t, "obdtest", "run", "--snapshotter", "overlaybd", ref, "hello1", "/hello")
+	out := e.MustCtr(t, "obdtest", "run", "--snapshotter", "overlaybd", ref, "hello1", "/hello")
 	if !strings.Contains(out, hello) {
 		t.Fatalf("ctr run printed:\n%s", out)
 	}
 	// The device stays until the container goes: its stats say what was
 	// fetched.
 	var fetched float64
-	waitFor(5*time.Second, func() bool {
-		fetched = e.metric(t, "obd_snapshotter_image_fetched_bytes_total")
+	ctrenv.WaitFor(5*time.Second, func() bool {
+		fetched = e.Metric(t, "obd_snapshotter_image_fetched_bytes_total")
 		return fetched > 0
 	})
 	const layerSize = 642560
 	if fetched <= 0 || fetched >= layerSize {
 		t.Fatalf("fetched %v bytes of the %d-byte layer; want some, not all", fetched, layerSize)
 	}
-	if up := e.metric(t, "obd_snapshotter_image_server_up"); up != 1 {
+	if up := e.Metric(t, "obd_snapshotter_image_server_up"); up != 1 {
 		t.Fatalf("image servers up: %v, want 1", up)
 	}
-	e.mustCtr(t, "obdtest", "containers", "rm", "hello1")
-	e.waitNoDevice(t)
+	e.MustCtr(t, "obdtest", "containers", "rm", "hello1")
+	e.WaitNoDevice(t)
 }
 
 // testTraceLabels records a trace with upstream's snapshot labels, then
 // replays it on a cold cache; a trace path in a missing directory is
 // reported and does not stop the container.
-func testTraceLabels(t *testing.T, e *env, ref string) {
+func testTraceLabels(t *testing.T, e *ctrenv.Env, ref string) {
 	run := func(name, path string) {
 		t.Helper()
-		out := e.mustCtr(t, "obdtest", "run", "--snapshotter", "overlaybd",
+		out := e.MustCtr(t, "obdtest", "run", "--snapshotter", "overlaybd",
 			"--snapshotter-label", "containerd.io/snapshot/overlaybd/record-trace=yes",
 			"--snapshotter-label", "containerd.io/snapshot/overlaybd/record-trace-path="+path,
 			ref, name, "/hello")
@@ -113,24 +122,24 @@ func testTraceLabels(t *testing.T, e *env, ref string) {
 			t.Fatalf("ctr run printed:\n%s", out)
 		}
 	}
-	run("badtrace", filepath.Join(e.dir, "missing-dir", "trace"))
-	if got := e.metric(t, "obd_snapshotter_trace_label_problems_total"); got != 1 {
+	run("badtrace", filepath.Join(e.Dir, "missing-dir", "trace"))
+	if got := e.Metric(t, "obd_snapshotter_trace_label_problems_total"); got != 1 {
 		t.Fatalf("trace label problems %v, want 1", got)
 	}
-	e.mustCtr(t, "obdtest", "containers", "rm", "badtrace")
+	e.MustCtr(t, "obdtest", "containers", "rm", "badtrace")
 	// The next labels bring the device up (the attached case is below).
-	e.waitNoDevice(t)
+	e.WaitNoDevice(t)
 
-	traceFile := filepath.Join(e.dir, "hello.trace")
+	traceFile := filepath.Join(e.Dir, "hello.trace")
 	if err := os.WriteFile(traceFile, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
 	run("record", traceFile)
-	e.mustCtr(t, "obdtest", "containers", "rm", "record") // the recording ends with the device
+	e.MustCtr(t, "obdtest", "containers", "rm", "record") // the recording ends with the device
 	frames := waitTrace(t, traceFile)
 
 	// Cold cache: the image's cache lives beside its device, which is gone.
-	caches, _ := filepath.Glob(filepath.Join(e.dir, "snapshotter", "snapshots", "*", "block", "cache"))
+	caches, _ := filepath.Glob(filepath.Join(e.Dir, "snapshotter", "snapshots", "*", "block", "cache"))
 	if len(caches) != 1 {
 		t.Fatalf("image caches: %v", caches)
 	}
@@ -142,23 +151,23 @@ func testTraceLabels(t *testing.T, e *env, ref string) {
 	// mount's own first reads fetch the windows /hello lies in. What can be
 	// checked is that the recorded trace was replayed, in full.
 	var replayed float64
-	waitFor(10*time.Second, func() bool {
-		replayed = e.metric(t, "obd_snapshotter_image_replayed_bytes_total")
+	ctrenv.WaitFor(10*time.Second, func() bool {
+		replayed = e.Metric(t, "obd_snapshotter_image_replayed_bytes_total")
 		return replayed > 0
 	})
-	if replayed <= 0 || e.metric(t, "obd_snapshotter_image_replay_errors") != 0 {
+	if replayed <= 0 || e.Metric(t, "obd_snapshotter_image_replay_errors") != 0 {
 		t.Fatalf("replaying %d frames: %v bytes replayed, errors %v", len(frames), replayed,
-			e.metric(t, "obd_snapshotter_image_replay_errors"))
+			e.Metric(t, "obd_snapshotter_image_replay_errors"))
 	}
-	e.mustCtr(t, "obdtest", "containers", "rm", "replay")
-	e.waitNoDevice(t)
+	e.MustCtr(t, "obdtest", "containers", "rm", "replay")
+	e.WaitNoDevice(t)
 }
 
 // waitTrace waits for path.ok, the end of a recording into path, and
 // returns the frames of the upstream binary trace recorded there.
 func waitTrace(t *testing.T, path string) []trace.Frame {
 	t.Helper()
-	if !waitFor(20*time.Second, func() bool { _, err := os.Stat(path + ".ok"); return err == nil }) {
+	if !ctrenv.WaitFor(20*time.Second, func() bool { _, err := os.Stat(path + ".ok"); return err == nil }) {
 		t.Fatalf("no %s.ok after the recording container's removal", path)
 	}
 	f, err := os.Open(path)
@@ -177,7 +186,7 @@ func waitTrace(t *testing.T, path string) []trace.Frame {
 // of the image keeps its device attached, then, on a cold cache and again
 // beside a running container, replays the trace and a path list: the
 // replayed blocks are there before the container reads them.
-func testTraceLabelsAttached(ctx context.Context, t *testing.T, e *env, client *containerd.Client, ref string) {
+func testTraceLabelsAttached(ctx context.Context, t *testing.T, e *ctrenv.Env, client *containerd.Client, reader, ref string) {
 	img, err := client.GetImage(ctx, ref)
 	if err != nil {
 		t.Fatal(err)
@@ -188,15 +197,15 @@ func testTraceLabelsAttached(ctx context.Context, t *testing.T, e *env, client *
 			"containerd.io/snapshot/overlaybd/record-trace-path": path,
 		}
 	}
-	problems := e.metric(t, "obd_snapshotter_trace_label_problems_total")
-	keeper := startReader(ctx, t, e, client, img, "keeper-rec", nil)
+	problems := e.Metric(t, "obd_snapshotter_trace_label_problems_total")
+	keeper := startReader(ctx, t, reader, client, img, "keeper-rec", nil)
 	keeper.read(1)
 
-	traceFile := filepath.Join(e.dir, "attached.trace")
+	traceFile := filepath.Join(e.Dir, "attached.trace")
 	if err := os.WriteFile(traceFile, nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	rec := startReader(ctx, t, e, client, img, "recorder", labels(traceFile))
+	rec := startReader(ctx, t, reader, client, img, "recorder", labels(traceFile))
 	if _, err := os.Stat(traceFile + ".lock"); err != nil {
 		t.Fatalf("no recording on the attached device: %v", err)
 	}
@@ -207,38 +216,38 @@ func testTraceLabelsAttached(ctx context.Context, t *testing.T, e *env, client *
 	rec.stop(ctx)
 	waitTrace(t, traceFile)
 	keeper.stop(ctx)
-	e.waitNoDevice(t)
+	e.WaitNoDevice(t)
 
-	list := filepath.Join(e.dir, "paths")
+	list := filepath.Join(e.Dir, "paths")
 	if err := os.WriteFile(list, []byte("/hello\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	for _, source := range []string{traceFile, list} {
 		// Cold: the image's cache goes with its device's last container.
-		caches, _ := filepath.Glob(filepath.Join(e.dir, "snapshotter", "snapshots", "*", "block", "cache"))
+		caches, _ := filepath.Glob(filepath.Join(e.Dir, "snapshotter", "snapshots", "*", "block", "cache"))
 		for _, c := range caches {
 			os.RemoveAll(c)
 		}
-		keeper := startReader(ctx, t, e, client, img, "keeper-replay", nil)
-		rep := startReader(ctx, t, e, client, img, "replayer", labels(source))
-		if !waitFor(20*time.Second, func() bool { return e.metric(t, "obd_snapshotter_image_replayed_bytes_total") > 0 }) {
+		keeper := startReader(ctx, t, reader, client, img, "keeper-replay", nil)
+		rep := startReader(ctx, t, reader, client, img, "replayer", labels(source))
+		if !ctrenv.WaitFor(20*time.Second, func() bool { return e.Metric(t, "obd_snapshotter_image_replayed_bytes_total") > 0 }) {
 			t.Fatalf("%s: nothing replayed beside a running container", source)
 		}
 		rep.read(1)
 		var hits float64
-		waitFor(5*time.Second, func() bool {
-			hits = e.metric(t, "obd_snapshotter_image_prefetch_hits_total")
+		ctrenv.WaitFor(5*time.Second, func() bool {
+			hits = e.Metric(t, "obd_snapshotter_image_prefetch_hits_total")
 			return hits > 0
 		})
-		if hits == 0 || e.metric(t, "obd_snapshotter_image_replay_errors") != 0 {
+		if hits == 0 || e.Metric(t, "obd_snapshotter_image_replay_errors") != 0 {
 			t.Fatalf("%s: %v prefetch hits, replay errors %v; want hits and no errors", source, hits,
-				e.metric(t, "obd_snapshotter_image_replay_errors"))
+				e.Metric(t, "obd_snapshotter_image_replay_errors"))
 		}
 		rep.stop(ctx)
 		keeper.stop(ctx)
-		e.waitNoDevice(t)
+		e.WaitNoDevice(t)
 	}
-	if got := e.metric(t, "obd_snapshotter_trace_label_problems_total"); got != problems {
+	if got := e.Metric(t, "obd_snapshotter_trace_label_problems_total"); got != problems {
 		t.Fatalf("trace label problems went from %v to %v", problems, got)
 	}
 }
@@ -247,9 +256,9 @@ func testTraceLabelsAttached(ctx context.Context, t *testing.T, e *env, client *
 // which passes the reference as cri.image-ref when the plugin exports
 // enable_remote_snapshot_annotations) in another namespace, where the
 // layer's snapshot already exists in the snapshotter.
-func testCtrPull(t *testing.T, e *env, ref string) {
-	e.mustCtr(t, "obdtest-ctr", "images", "pull", "--plain-http", "--snapshotter", "overlaybd", ref)
-	out := e.mustCtr(t, "obdtest-ctr", "run", "--rm", "--snapshotter", "overlaybd", ref, "hello2", "/hello")
+func testCtrPull(t *testing.T, e *ctrenv.Env, ref string) {
+	e.MustCtr(t, "obdtest-ctr", "images", "pull", "--plain-http", "--snapshotter", "overlaybd", ref)
+	out := e.MustCtr(t, "obdtest-ctr", "run", "--rm", "--snapshotter", "overlaybd", ref, "hello2", "/hello")
 	if !strings.Contains(out, hello) {
 		t.Fatalf("ctr run printed:\n%s", out)
 	}
@@ -257,7 +266,7 @@ func testCtrPull(t *testing.T, e *env, ref string) {
 
 // testRunPlain runs an ordinary OCI image (docker's multi-platform
 // hello-world) through the snapshotter: plain overlay behaviour.
-func testRunPlain(ctx context.Context, t *testing.T, e *env, client *containerd.Client, ref string) {
+func testRunPlain(ctx context.Context, t *testing.T, e *ctrenv.Env, client *containerd.Client, ref string) {
 	res, err := rpull.Pull(ctx, client, ref, rpull.Options{PlainHTTP: true})
 	if err != nil {
 		t.Fatal(err)
@@ -265,7 +274,7 @@ func testRunPlain(ctx context.Context, t *testing.T, e *env, client *containerd.
 	if res.Layers != 1 || res.Downloaded != 1 {
 		t.Fatalf("pull: %d layers, %d downloaded; want the one ordinary layer downloaded", res.Layers, res.Downloaded)
 	}
-	out := e.mustCtr(t, "obdtest", "run", "--rm", "--snapshotter", "overlaybd", ref, "plain1", "/hello")
+	out := e.MustCtr(t, "obdtest", "run", "--rm", "--snapshotter", "overlaybd", ref, "plain1", "/hello")
 	if !strings.Contains(out, hello) {
 		t.Fatalf("ctr run printed:\n%s", out)
 	}
@@ -276,37 +285,37 @@ func testRunPlain(ctx context.Context, t *testing.T, e *env, client *containerd.
 // through the device), restarts the snapshotter, and checks that the
 // image's server is re-adopted, kept while a container uses it and torn
 // down once the last one is gone.
-func testKillSnapshotter(ctx context.Context, t *testing.T, e *env, client *containerd.Client, ref string) {
+func testKillSnapshotter(ctx context.Context, t *testing.T, e *ctrenv.Env, client *containerd.Client, reader, ref string) {
 	img, err := client.GetImage(ctx, ref)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// A second, stopped container of the image keeps the device in use
 	// after the reader goes.
-	if out := e.mustCtr(t, "obdtest", "run", "--snapshotter", "overlaybd", ref, "keeper", "/hello"); !strings.Contains(out, hello) {
+	if out := e.MustCtr(t, "obdtest", "run", "--snapshotter", "overlaybd", ref, "keeper", "/hello"); !strings.Contains(out, hello) {
 		t.Fatalf("ctr run printed:\n%s", out)
 	}
-	r := startReader(ctx, t, e, client, img, "reader", nil)
+	r := startReader(ctx, t, reader, client, img, "reader", nil)
 	r.read(1)
 
-	if err := syscall.Kill(e.snapshotterPID(t), syscall.SIGKILL); err != nil {
+	if err := syscall.Kill(e.SnapshotterPID(t), syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	r.dropCache()
 	r.read(2) // through the device, served by the image server that outlived the snapshotter
 
-	e.script1(t, "restart-snapshotter", e.dir)
-	if !strings.Contains(e.snapshotterLog(), "image server adopted") {
-		t.Fatalf("the restarted snapshotter did not adopt the image server; log:\n%s", tailLines(e.snapshotterLog(), 20))
+	e.Script(t, "restart-snapshotter", e.Dir)
+	if !strings.Contains(e.SnapshotterLog(), "image server adopted") {
+		t.Fatalf("the restarted snapshotter did not adopt the image server; log:\n%s", ctrenv.TailLines(e.SnapshotterLog(), 20))
 	}
 	r.dropCache()
 	r.read(3)
 	r.stop(ctx)
 
 	time.Sleep(2 * time.Second) // time for containerd to remove the reader's snapshot
-	if up := e.metric(t, "obd_snapshotter_image_server_up"); up != 1 {
+	if up := e.Metric(t, "obd_snapshotter_image_server_up"); up != 1 {
 		t.Fatalf("image servers up with one container left: %v, want 1", up)
 	}
-	e.mustCtr(t, "obdtest", "containers", "rm", "keeper")
-	e.waitNoDevice(t)
+	e.MustCtr(t, "obdtest", "containers", "rm", "keeper")
+	e.WaitNoDevice(t)
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/oci"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 
+	"github.com/obdtrace/obdtrace/internal/testutil/ctrenv"
 	"github.com/obdtrace/obdtrace/internal/testutil/testdata"
 )
 
@@ -54,20 +55,6 @@ func main() {
 }
 `
 
-// readerBinary builds the reader program once per environment.
-func (e *env) readerBinary(t *testing.T) string {
-	t.Helper()
-	if e.readerBin != "" {
-		return e.readerBin
-	}
-	work := t.TempDir()
-	if err := os.WriteFile(filepath.Join(work, "reader.go"), []byte(readerSource), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	e.readerBin = goBuild(t, e.dir, "reader", filepath.Join(work, "reader.go"), true)
-	return e.readerBin
-}
-
 // readerContainer is a running container of the hello-world image that
 // reads /hello on request, through a control directory bind-mounted in.
 type readerContainer struct {
@@ -78,12 +65,11 @@ type readerContainer struct {
 	exited    <-chan containerd.ExitStatus
 }
 
-// startReader starts a reader container called name whose snapshot
-// carries labels.
-func startReader(ctx context.Context, t *testing.T, e *env, client *containerd.Client, img containerd.Image, name string, labels map[string]string) *readerContainer {
+// startReader starts a reader container called name, running the reader
+// program bin, whose snapshot carries labels.
+func startReader(ctx context.Context, t *testing.T, bin string, client *containerd.Client, img containerd.Image, name string, labels map[string]string) *readerContainer {
 	t.Helper()
 	work := t.TempDir()
-	bin := e.readerBinary(t)
 	r := &readerContainer{t: t, ctl: filepath.Join(work, "ctl")}
 	if err := os.Mkdir(r.ctl, 0o755); err != nil {
 		t.Fatal(err)
@@ -135,7 +121,7 @@ func (r *readerContainer) read(i int) {
 		r.t.Fatal(err)
 	}
 	var got []byte
-	if !waitFor(20*time.Second, func() bool {
+	if !ctrenv.WaitFor(20*time.Second, func() bool {
 		var err error
 		got, err = os.ReadFile(filepath.Join(r.ctl, fmt.Sprintf("out-%d", i)))
 		return err == nil

@@ -11,6 +11,8 @@ import (
 	"regexp"
 	"strconv"
 	"testing"
+
+	"github.com/obdtrace/obdtrace/internal/testutil"
 )
 
 // memDisk is a disk in memory.
@@ -261,7 +263,7 @@ func TestUnsupportedFeatures(t *testing.T) {
 // TestRealFilesystem checks the geometry read from an image mke2fs made
 // against what dumpe2fs says.
 func TestRealFilesystem(t *testing.T) {
-	mkfs, dumpe2fs := needTool(t, "mkfs.ext4"), needTool(t, "dumpe2fs")
+	mkfs, dumpe2fs := testutil.RequireTool(t, "mkfs.ext4"), testutil.RequireTool(t, "dumpe2fs")
 	path := filepath.Join(t.TempDir(), "fs.img")
 	if err := os.WriteFile(path, nil, 0o644); err != nil {
 		t.Fatal(err)
@@ -306,19 +308,6 @@ func TestRealFilesystem(t *testing.T) {
 	if total != 16<<20/4096 {
 		t.Errorf("journal extents %v cover %d blocks, want %d", ext, total, 16<<20/4096)
 	}
-}
-
-func needTool(t *testing.T, name string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err == nil {
-		return p
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("%s is required under CI (scripts/install-deps.sh installs it): %v", name, err)
-	}
-	t.Skipf("%s not installed", name)
-	return ""
 }
 
 func FuzzOpen(f *testing.F) {

@@ -4,13 +4,12 @@
 // scripts/containerd-env.sh under a test's temporary directory. It is test
 // support: every helper takes a testing.TB and fails or skips the test.
 //
-// Missing prerequisites (root, containerd, runc) fail the test when CI is
-// "true" and skip it otherwise.
+// Missing prerequisites (root, containerd, runc) fail the test under
+// CI=true and skip it otherwise (see package testutil).
 package ctrenv
 
 import (
 	"bufio"
-	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -22,20 +21,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/obdtrace/obdtrace/internal/testutil/registry"
+	"github.com/obdtrace/obdtrace/internal/testutil"
 )
 
-// RequireRoot fails the test under CI=true when not root, and skips it
-// otherwise.
+// RequireRoot is the environment's gate (testutil.RequireRoot): call it
+// first in a test that starts one.
 func RequireRoot(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("this test needs root (containerd, mounts, loop devices, FUSE)")
-	}
-	t.Skip("needs root (containerd, mounts, loop devices, FUSE)")
+	testutil.RequireRoot(t, "containerd, mounts, loop devices, FUSE")
 }
 
 // RepoRoot is the module root: the nearest directory above the working
@@ -65,11 +58,7 @@ func ContainerdBinDir(t testing.TB) string {
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		msg := fmt.Sprintf("scripts/install-containerd.sh: %v\n%s", err, stderr.String())
-		if os.Getenv("CI") == "true" {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
+		testutil.Missing(t, "scripts/install-containerd.sh: %v\n%s", err, stderr.String())
 	}
 	dir := strings.TrimSpace(string(out))
 	for _, c := range []string{"containerd", "ctr", "containerd-shim-runc-v2"} {
@@ -128,7 +117,7 @@ type Env struct {
 func Start(t testing.TB, opts Options) *Env {
 	t.Helper()
 	cbin := ContainerdBinDir(t)
-	registry.RequireTool(t, "runc")
+	testutil.RequireTool(t, "runc")
 	sbin := opts.Snapshotter
 	if sbin == "" {
 		sbin = GoBuild(t, t.TempDir(), "obd-snapshotter", "./cmd/obd-snapshotter", false)
@@ -253,30 +242,12 @@ func SumMetric(r io.Reader, name string) float64 {
 	return sum
 }
 
-// Leftovers lists mounts and loop devices below dir.
-func Leftovers(dir string) []string {
-	var found []string
-	mounts, _ := os.ReadFile("/proc/self/mountinfo")
-	for _, l := range strings.Split(string(mounts), "\n") {
-		if f := strings.Fields(l); len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
-			found = append(found, "mount "+f[4])
-		}
-	}
-	loops, _ := exec.Command("losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE").Output()
-	for _, l := range strings.Split(string(loops), "\n") {
-		if strings.Contains(l, dir+"/") {
-			found = append(found, "loop "+l)
-		}
-	}
-	return found
-}
-
 // WaitNoDevice waits until no mount or loop device is left below the
 // environment: containerd removes a container's snapshot in the background.
 func (e *Env) WaitNoDevice(t testing.TB) {
 	t.Helper()
-	if !WaitFor(15*time.Second, func() bool { return len(Leftovers(e.Dir)) == 0 }) {
-		t.Fatalf("devices left after the last container went:\n%s", strings.Join(Leftovers(e.Dir), "\n"))
+	if !WaitFor(15*time.Second, func() bool { return len(testutil.Leftovers(e.Dir)) == 0 }) {
+		t.Fatalf("devices left after the last container went:\n%s", strings.Join(testutil.Leftovers(e.Dir), "\n"))
 	}
 }
 
@@ -341,10 +312,19 @@ func main() {
 // the binary, to be bind-mounted into a container.
 func BuildSleeper(t testing.TB) string {
 	t.Helper()
+	return BuildProgram(t, "sleeper", sleeperSource)
+}
+
+// BuildProgram builds a one-file Go program from source into a static
+// binary called name (static, so it runs inside any image it is
+// bind-mounted into) and returns its path. It lives in t's temporary
+// directory, so a binary shared by subtests is built with the parent's t.
+func BuildProgram(t testing.TB, name, source string) string {
+	t.Helper()
 	dir := t.TempDir()
-	src := filepath.Join(dir, "sleeper.go")
-	if err := os.WriteFile(src, []byte(sleeperSource), 0o644); err != nil {
+	src := filepath.Join(dir, name+".go")
+	if err := os.WriteFile(src, []byte(source), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return GoBuild(t, dir, "sleeper", src, true)
+	return GoBuild(t, dir, name, src, true)
 }

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/obdtrace/obdtrace/internal/testutil"
 )
 
 // Refs of the upstream test layout (see ../shared/testdata/overlaybd/README.md).
@@ -31,7 +33,7 @@ const (
 // docker-typed multi-platform list.
 func (s *Server) PushRef(t testing.TB, layout, ref, repoTag string) {
 	t.Helper()
-	skopeo := RequireTool(t, "skopeo")
+	skopeo := testutil.RequireTool(t, "skopeo")
 	args := []string{"--insecure-policy", "copy", "--preserve-digests", "--dest-tls-verify=false"}
 	if s.User != "" {
 		args = append(args, "--dest-creds", s.User+":"+s.Password)

@@ -4,9 +4,8 @@
 // images into it. It is test support: every helper takes a testing.TB and
 // fails or skips the test itself.
 //
-// Missing tools (docker-registry, skopeo) fail the test when the environment
-// variable CI is "true" and skip it otherwise, so a developer machine without
-// them still runs the rest of the suite while CI can never silently skip.
+// Missing tools (docker-registry, skopeo) fail the test under CI=true and
+// skip it otherwise (testutil.RequireTool).
 package registry
 
 import (
@@ -23,6 +22,8 @@ import (
 	"time"
 
 	"golang.org/x/crypto/bcrypt"
+
+	"github.com/obdtrace/obdtrace/internal/testutil"
 )
 
 // Binary is the registry server executable Start runs.
@@ -50,26 +51,11 @@ type Server struct {
 	dir string
 }
 
-// RequireTool fails the test under CI=true when the named executable is not
-// on PATH and skips it otherwise.
-func RequireTool(t testing.TB, name string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err == nil {
-		return p
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("%s not found on PATH (required under CI=true): %v", name, err)
-	}
-	t.Skipf("%s not found on PATH; install it (Debian package) to run this test", name)
-	return ""
-}
-
 // Start runs a registry with storage in a fresh temporary directory and stops
 // it (by the PID it started) when the test ends.
 func Start(t testing.TB, opts Options) *Server {
 	t.Helper()
-	bin := RequireTool(t, Binary)
+	bin := testutil.RequireTool(t, Binary)
 	s := &Server{dir: t.TempDir()}
 	authCfg := s.authConfig(t, opts)
 	var lastErr error
