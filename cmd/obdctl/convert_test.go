@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/obdtrace/obdtrace/convert"
+	"github.com/obdtrace/obdtrace/internal/testutil"
 	"github.com/obdtrace/obdtrace/internal/testutil/testdata"
 )
 
@@ -23,7 +24,7 @@ func runConvert(t *testing.T, args ...string) (string, error) {
 }
 
 func TestConvertCommand(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, "loop devices, FUSE, mount")
 	cache, out := t.TempDir(), t.TempDir()
 	common := []string{"--baselayer", testdata.Baselayer(t), "--cache-dir", cache, "--work-dir", t.TempDir()}
 	src := "oci:" + testdata.OCILayout(t) + ":amd64"

@@ -12,21 +12,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/obdtrace/obdtrace/internal/testutil"
 	"github.com/obdtrace/obdtrace/internal/testutil/registry"
 	"github.com/obdtrace/obdtrace/internal/testutil/testdata"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore"
 )
-
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("this test needs root (loop devices, FUSE, mount)")
-	}
-	t.Skip("needs root (loop devices, FUSE, mount)")
-}
 
 // buildObdctl builds the command into a temporary directory: the mount
 // command re-executes itself as its background server.
@@ -71,7 +61,7 @@ func leftovers(work string) string {
 // background, read /hello, unmount; then mount again with the cache warm,
 // kill -9 the server, and check that umount still cleans everything up.
 func TestMountUmountAndRecovery(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t, "loop devices, FUSE, mount")
 	bin := buildObdctl(t)
 	reg := registry.Start(t, registry.Options{})
 	ref := reg.PushHelloWorld(t)
