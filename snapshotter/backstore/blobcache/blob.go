@@ -69,11 +69,22 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 		b.c.stats.served.Add(int64(n))
 		s.stats.served.Add(int64(n))
 	}()
+	// A miss fetches, in one request, the windows from its own up to the
+	// one holding the read's last byte (minus those cached or in flight).
+	wEnd := s.window((end-1)/s.bs) + 1
+	sequential := b.c.readaheadOn() && !s.complete.Load()
+	if sequential {
+		b.checkMarks(off/s.bs, (end-1)/s.bs, off, end)
+	}
 	for pos := off; pos < end; {
 		i := pos / s.bs
 		bstart := i * s.bs
 		take := min(end, bstart+s.blockLen(i)) - pos
-		if err := b.readBlock(ctx, i, p[pos-off:pos-off+take], pos-bstart); err != nil {
+		if sequential && !s.has(i) {
+			sequential = false // once per read
+			b.onMiss(off, end)
+		}
+		if err := b.readBlock(ctx, i, p[pos-off:pos-off+take], pos-bstart, wEnd); err != nil {
 			return n, err
 		}
 		pos += take
@@ -86,8 +97,9 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 }
 
 // readBlock copies block i's bytes [inoff, inoff+len(dst)) into dst, fetching
-// the block's window first if it is missing or fails its CRC.
-func (b *Blob) readBlock(ctx context.Context, i int64, dst []byte, inoff int64) error {
+// the block's window (and those after it, up to wEnd) first if it is
+// missing or fails its CRC.
+func (b *Blob) readBlock(ctx context.Context, i int64, dst []byte, inoff, wEnd int64) error {
 	s := b.s
 	counted, pinned, hit := false, false, false
 	for attempt, evicted := 0, 0; ; {
@@ -109,7 +121,7 @@ func (b *Blob) readBlock(ctx context.Context, i int64, dst []byte, inoff int64) 
 				s.pin(s.window(i))
 				defer s.unpin(s.window(i))
 			}
-			if err := b.fill(ctx, s.window(i), fillDemand); err != nil {
+			if _, err := b.fill(ctx, s.window(i), wEnd, fillDemand); err != nil {
 				// A coalesced fill led by a reader that gave up fails with
 				// that reader's cancellation; ours may still be live.
 				if ctx.Err() == nil && isContextErr(err) {
@@ -124,6 +136,9 @@ func (b *Blob) readBlock(ctx context.Context, i int64, dst []byte, inoff int64) 
 			return err
 		case res == readOK:
 			s.touch(s.window(i))
+			if s.unmarkAhead(i) {
+				b.c.stats.readaheadHits.Add(1)
+			}
 			if s.unmarkPrefetched(i) {
 				if hit {
 					b.c.stats.prefetchHits.Add(1)
@@ -242,7 +257,9 @@ func (b *Blob) Prefetch(ctx context.Context, off, n int64) error {
 		case <-ctx.Done():
 			return ctx.Err()
 		}
-		err := b.fill(ctx, w, fillPrefetch)
+		// One window per fill: the replayer orders and parallelises its
+		// own queue, and a window is its unit of accounting.
+		_, err := b.fill(ctx, w, w+1, fillPrefetch)
 		<-b.c.prefetch
 		if err != nil {
 			return err

@@ -1,7 +1,10 @@
 // Package blobcache is the block backstore's on-disk cache of registry blobs.
 // It serves random reads of a blob from a local sparse file and fetches what
-// it lacks through a Fetcher (the registry), an aligned refill window
-// (default 256 KiB) around the missing block (default 64 KiB) at a time.
+// it lacks through a Fetcher (the registry) in aligned refill windows
+// (default 256 KiB) around the missing blocks (default 64 KiB): one GET
+// covers the windows a read misses, and sequential readers get readahead
+// in spans that double up to 16 MiB (readahead.go), because a registry's
+// per-request latency, not its bandwidth, bounds small fetches.
 //
 // Layout: one sparse data file and one meta file per blob, keyed by digest
 // (<dir>/<algorithm>/<hex>.data and .meta). The meta file is the persisted
@@ -13,9 +16,10 @@
 // the background and, if it matches the digest, flagged complete; if not,
 // all of it is dropped.
 //
-// Concurrency: hits take no lock; misses on the same refill window coalesce
-// into one fetch. Prefetch fills are capped (Options.PrefetchConcurrency) and
-// demand fills are not, so demand reads never queue behind prefetch.
+// Concurrency: hits take no lock; misses on a refill window being fetched
+// wait for that fetch. Prefetch fills are capped
+// (Options.PrefetchConcurrency) and demand fills are not, so demand reads
+// never queue behind prefetch.
 //
 // Eviction: when MaxBytes is set, cached data is kept under it by a CLOCK
 // (second-chance) sweep over the refill windows of all blobs, an
@@ -27,6 +31,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/bits"
 	"os"
 	"path/filepath"
 	"sync"
@@ -55,6 +60,7 @@ const (
 	DefaultBlockSize           = 64 << 10
 	DefaultRefillSize          = 256 << 10
 	DefaultPrefetchConcurrency = 8
+	DefaultReadahead           = 16 << 20
 	maxRefillSize              = 64 << 20
 )
 
@@ -80,8 +86,10 @@ type Options struct {
 	// power of two, 4 KiB to 16 MiB. Blobs cached with another block size
 	// are discarded at Open.
 	BlockSize int64
-	// RefillSize is what a miss fetches: the aligned window around the
-	// missing block. A multiple of BlockSize, at most 64 MiB.
+	// RefillSize is the unit a miss fetches: the aligned window around a
+	// missing block (one request covers the windows of all the blocks a
+	// read misses), and the unit of eviction. A multiple of BlockSize, at
+	// most 64 MiB.
 	RefillSize int64
 	// MaxBytes bounds the cached block data (meta files not counted);
 	// 0 means unbounded. When set it must be at least 4 refill windows. It
@@ -91,6 +99,12 @@ type Options struct {
 	// fetcher's per-host connection cap (registry: 16) so that demand reads,
 	// which are never capped here, always find a free connection.
 	PrefetchConcurrency int
+	// Readahead is the largest span fetched ahead of a sequential reader
+	// (and the largest single fetch): a multiple of RefillSize up to
+	// 64 MiB; it starts at four times the reader's request and doubles.
+	// Negative turns readahead off, and every fetch is then one window.
+	// With MaxBytes set it is also held to MaxBytes/8.
+	Readahead int64
 }
 
 func (o Options) withDefaults() (Options, error) {
@@ -103,6 +117,9 @@ func (o Options) withDefaults() (Options, error) {
 	if o.PrefetchConcurrency <= 0 {
 		o.PrefetchConcurrency = DefaultPrefetchConcurrency
 	}
+	if o.Readahead == 0 {
+		o.Readahead = max(DefaultReadahead, o.RefillSize)
+	}
 	switch {
 	case !validBlockSize(o.BlockSize):
 		return o, fmt.Errorf("%w: block size %d is not a power of two in [%d, %d]", ErrOptions, o.BlockSize, minBlockSize, maxBlockSize)
@@ -110,6 +127,11 @@ func (o Options) withDefaults() (Options, error) {
 		return o, fmt.Errorf("%w: refill size %d is not a multiple of the block size %d up to %d", ErrOptions, o.RefillSize, o.BlockSize, maxRefillSize)
 	case o.MaxBytes < 0 || (o.MaxBytes > 0 && o.MaxBytes < 4*o.RefillSize):
 		return o, fmt.Errorf("%w: max bytes %d is below 4 refill windows (%d)", ErrOptions, o.MaxBytes, 4*o.RefillSize)
+	case o.Readahead > 0 && (o.Readahead%o.RefillSize != 0 || o.Readahead > maxRefillSize):
+		return o, fmt.Errorf("%w: readahead %d is not a multiple of the refill size %d up to %d", ErrOptions, o.Readahead, o.RefillSize, maxRefillSize)
+	}
+	if o.Readahead < 0 {
+		o.Readahead = 0
 	}
 	return o, nil
 }
@@ -127,9 +149,12 @@ type Cache struct {
 
 	used       atomic.Int64 // bytes of cached blocks, all blobs
 	prefetch   chan struct{}
-	background sync.WaitGroup // digest checks and mark flushers
-	refillPool sync.Pool      // *[]byte of RefillSize
-	blockPool  sync.Pool      // *[]byte of BlockSize
+	background sync.WaitGroup // digest checks, mark flushers, readahead
+	// bgCtx bounds readahead fetches; Close cancels it.
+	bgCtx     context.Context
+	bgStop    context.CancelFunc
+	spanPools []sync.Pool // *[]byte of RefillSize << k
+	blockPool sync.Pool   // *[]byte of BlockSize
 
 	evictMu sync.Mutex
 	hand    struct {
@@ -167,9 +192,14 @@ func Open(dir string, opts Options) (*Cache, error) {
 		prefetch: make(chan struct{}, opts.PrefetchConcurrency),
 		metrics:  newMetrics(),
 	}
-	c.refillPool.New = func() any { b := make([]byte, opts.RefillSize); return &b }
+	c.bgCtx, c.bgStop = context.WithCancel(context.Background())
+	c.spanPools = make([]sync.Pool, bits.Len64(uint64(c.maxSpan()/opts.RefillSize-1))+1)
+	for k := range c.spanPools {
+		c.spanPools[k].New = func() any { b := make([]byte, opts.RefillSize<<k); return &b }
+	}
 	c.blockPool.New = func() any { b := make([]byte, opts.BlockSize); return &b }
 	if err := c.load(); err != nil {
+		c.bgStop()
 		c.closeFiles()
 		return nil, err
 	}
@@ -218,7 +248,16 @@ func (c *Cache) Close() error {
 	if wasClosed {
 		return nil
 	}
+	c.bgStop()
 	c.background.Wait()
+	// Marks of fills that ended as Close began, whose flusher was refused.
+	c.mu.Lock()
+	blobs := c.order
+	c.mu.Unlock()
+	for _, s := range blobs {
+		for s.flushOnce() {
+		}
+	}
 	return c.closeFiles()
 }
 
@@ -241,7 +280,33 @@ func (c *Cache) paths(dgst digest.Digest) (data, meta string) {
 	return base + ".data", base + ".meta"
 }
 
-func (c *Cache) getRefill() *[]byte  { return c.refillPool.Get().(*[]byte) }
-func (c *Cache) putRefill(b *[]byte) { c.refillPool.Put(b) }
-func (c *Cache) getBlock() *[]byte   { return c.blockPool.Get().(*[]byte) }
-func (c *Cache) putBlock(b *[]byte)  { c.blockPool.Put(b) }
+// maxSpan is the most one fetch asks for.
+func (c *Cache) maxSpan() int64 { return max(c.opts.RefillSize, c.opts.Readahead) }
+
+// getSpan returns a buffer of at least n bytes (n at most maxSpan), from
+// the pool of the smallest power-of-two multiple of RefillSize that fits.
+func (c *Cache) getSpan(n int64) *[]byte {
+	k := bits.Len64(uint64((n+c.opts.RefillSize-1)/c.opts.RefillSize - 1))
+	return c.spanPools[k].Get().(*[]byte)
+}
+
+func (c *Cache) putSpan(b *[]byte) {
+	k := bits.Len64(uint64(int64(cap(*b))/c.opts.RefillSize - 1))
+	c.spanPools[k].Put(b)
+}
+
+func (c *Cache) getBlock() *[]byte  { return c.blockPool.Get().(*[]byte) }
+func (c *Cache) putBlock(b *[]byte) { c.blockPool.Put(b) }
+
+// inBackground runs f in a goroutine that Close waits for, unless the
+// cache is closing, and reports whether it did.
+func (c *Cache) inBackground(f func()) bool {
+	// Under mu, so Close cannot start waiting between the check and the Add.
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed.Load() {
+		return false
+	}
+	c.background.Go(f)
+	return true
+}

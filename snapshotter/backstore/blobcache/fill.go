@@ -7,8 +7,9 @@ import (
 	"time"
 )
 
-// fillCall is one fetch of a window in flight; readers that miss in the same
-// window wait on it instead of fetching again.
+// fillCall is one fetch in flight, registered under every window it
+// covers; readers that miss in one of them wait on it instead of fetching
+// again.
 type fillCall struct {
 	done chan struct{}
 	err  error
@@ -24,67 +25,118 @@ const (
 	fillReadahead
 )
 
-// fill fetches the missing blocks of window w, or waits for the fetch already
-// in flight for it.
-func (b *Blob) fill(ctx context.Context, w int64, kind fillKind) error {
-	s := b.s
+// span is a run of windows [w, wEnd) claimed for one fetch of their
+// missing blocks (missing[k] is block first+k).
+type span struct {
+	w, wEnd int64
+	first   int64
+	missing []bool
+	call    *fillCall
+}
+
+// claim registers a fetch of the windows from w that are missing and not
+// in flight, up to w1 and the largest fetch. If window w is in flight it
+// returns that fetch to wait for instead; if w is cached, neither.
+func (s *blobState) claim(w, w1 int64) (sp *span, wait *fillCall) {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	if call := s.inflight[w]; call != nil {
-		s.mu.Unlock()
-		b.c.stats.coalesced.Add(1)
-		select {
-		case <-call.done:
-			return call.err
-		case <-ctx.Done():
-			return ctx.Err()
+		return nil, call
+	}
+	wEnd := w
+	for maxWin := s.c.maxSpan() / s.c.opts.RefillSize; wEnd < min(w1, w+maxWin); wEnd++ {
+		if s.inflight[wEnd] != nil || !s.windowMissing(wEnd) {
+			break
 		}
 	}
-	first, end := s.windowBlocks(w)
-	missing := make([]bool, end-first)
-	anyMissing := false
+	if wEnd == w {
+		return nil, nil
+	}
+	first, _ := s.windowBlocks(w)
+	_, end := s.windowBlocks(wEnd - 1)
+	sp = &span{w: w, wEnd: wEnd, first: first, missing: make([]bool, end-first), call: &fillCall{done: make(chan struct{})}}
 	for i := first; i < end; i++ {
-		missing[i-first] = !s.has(i)
-		anyMissing = anyMissing || missing[i-first]
+		sp.missing[i-first] = !s.has(i)
 	}
-	if !anyMissing {
-		s.mu.Unlock()
-		return nil
+	for k := w; k < wEnd; k++ {
+		s.inflight[k] = sp.call
 	}
-	call := &fillCall{done: make(chan struct{})}
-	s.inflight[w] = call
-	s.mu.Unlock()
+	return sp, nil
+}
 
+// fill fetches, with one request, the missing blocks of windows [w, w1) —
+// stopping early at a window that is already cached or being fetched, or
+// at the largest fetch — or waits for the fetch in flight for window w. It
+// returns the window after the last one it dealt with. Readahead does not
+// wait for a window in flight: whoever fetches it will finish it.
+func (b *Blob) fill(ctx context.Context, w, w1 int64, kind fillKind) (int64, error) {
+	sp, call := b.s.claim(w, w1)
+	switch {
+	case sp != nil:
+		return sp.wEnd, b.run(ctx, sp, kind)
+	case call == nil || kind == fillReadahead:
+		return w + 1, nil
+	}
+	b.c.stats.coalesced.Add(1)
+	select {
+	case <-call.done:
+		return w + 1, call.err
+	case <-ctx.Done():
+		return w + 1, ctx.Err()
+	}
+}
+
+// run fetches a claimed span and then releases its windows, once the mark
+// flush and any digest check are under way, so a reader that waited for
+// the fill finds them started (and Close waits for them).
+func (b *Blob) run(ctx context.Context, sp *span, kind fillKind) error {
+	s := b.s
 	start := time.Now()
-	call.err = b.fetchWindow(ctx, first, missing)
+	err := b.fetchSpan(ctx, sp.first, sp.missing)
 	if kind == fillDemand {
 		b.c.observeDemandFetch(time.Since(start))
 	}
-	s.mu.Lock()
-	delete(s.inflight, w)
-	s.mu.Unlock()
-	close(call.done)
-	if call.err != nil {
-		b.c.stats.fetchErrors.Add(1)
-		return call.err
-	}
-	if kind == fillPrefetch {
-		for k, m := range missing {
-			if m {
-				s.markPrefetched(first + int64(k))
+	if err == nil {
+		for k, m := range sp.missing {
+			switch i := sp.first + int64(k); {
+			case !m:
+			case kind == fillPrefetch:
+				s.markPrefetched(i)
+			case kind == fillReadahead:
+				s.markAhead(i)
 			}
 		}
+		for k := sp.w; k < sp.wEnd; k++ {
+			s.touch(k)
+		}
+		if s.cached.Load() == s.size && !s.complete.Load() {
+			b.c.verifyInBackground(s)
+		}
 	}
-	s.touch(w)
-	if s.cached.Load() == s.size && !s.complete.Load() {
-		b.c.verifyInBackground(s)
+	s.release(sp, err)
+	if err != nil {
+		b.c.stats.fetchErrors.Add(1)
+		return err
 	}
 	b.c.evict()
 	return nil
 }
 
-// fetchWindow fetches the span of the missing blocks (which start at block
-// first), writes them, makes them durable and only then records them.
-func (b *Blob) fetchWindow(ctx context.Context, first int64, missing []bool) error {
+// release unregisters a span's fetch and wakes its waiters with err.
+func (s *blobState) release(sp *span, err error) {
+	s.mu.Lock()
+	for k := sp.w; k < sp.wEnd; k++ {
+		delete(s.inflight, k)
+	}
+	s.mu.Unlock()
+	sp.call.err = err
+	close(sp.call.done)
+}
+
+// fetchSpan fetches the span of the missing blocks (which start at block
+// first) in one request, writes them, and publishes them; the flusher
+// makes them durable and only then records them on disk.
+func (b *Blob) fetchSpan(ctx context.Context, first int64, missing []bool) error {
 	s := b.s
 	lo, hi := 0, len(missing)
 	for !missing[lo] {
@@ -95,8 +147,8 @@ func (b *Blob) fetchWindow(ctx context.Context, first int64, missing []bool) err
 	}
 	off := (first + int64(lo)) * s.bs
 	end := min((first+int64(hi))*s.bs, s.size)
-	bufp := b.c.getRefill()
-	defer b.c.putRefill(bufp)
+	bufp := b.c.getSpan(end - off)
+	defer b.c.putSpan(bufp)
 	buf := (*bufp)[:end-off]
 	if err := b.f.FetchRange(ctx, s.dgst, off, buf); err != nil {
 		return fmt.Errorf("%w: %s [%d, %d): %w", ErrFetch, s.dgst, off, end, err)

@@ -35,11 +35,15 @@ type blobState struct {
 	// for yet: a demand read that finds one is a prefetch hit, and what is
 	// still marked is prefetch that has not paid off (so far). In memory
 	// only: it describes this run's prefetching.
-	prefetched []atomic.Uint64
-	crcs       []atomic.Uint32 // one per 4 KiB page
-	ref        []atomic.Uint64 // CLOCK referenced bit per window
-	complete   atomic.Bool
-	cached     atomic.Int64 // bytes of present blocks
+	prefetched blockFlags
+	// ahead marks blocks the sequential readahead fetched that no read
+	// has asked for yet (in memory only, like prefetched).
+	ahead    blockFlags
+	streams  streams
+	crcs     []atomic.Uint32 // one per 4 KiB page
+	ref      []atomic.Uint64 // CLOCK referenced bit per window
+	complete atomic.Bool
+	cached   atomic.Int64 // bytes of present blocks
 
 	mu        sync.Mutex
 	inflight  map[int64]*fillCall // by window
@@ -61,12 +65,14 @@ func (c *Cache) newState(dgst digest.Digest, size int64, data, meta *os.File) *b
 		c: c, dgst: dgst, size: size, bs: bs, nblocks: n, bpw: bpw, nwin: nwin,
 		data: data, meta: meta, layout: layoutFor(size, bs),
 		present:    make([]atomic.Uint64, (n+63)/64),
-		prefetched: make([]atomic.Uint64, (n+63)/64),
+		prefetched: newBlockFlags(n),
+		ahead:      newBlockFlags(n),
 		crcs:       make([]atomic.Uint32, numBlocks(size, pageSize)),
 		ref:        make([]atomic.Uint64, (nwin+63)/64),
 		inflight:   make(map[int64]*fillCall),
 		pins:       make(map[int64]int),
 	}
+	s.streams.init()
 	return s
 }
 
@@ -211,25 +217,13 @@ func (s *blobState) has(i int64) bool { return s.present[i/64].Load()&(1<<(i%64)
 
 // markPrefetched flags block i as fetched by prefetch and not yet read.
 func (s *blobState) markPrefetched(i int64) {
-	bit := uint64(1) << (i % 64)
-	if s.prefetched[i/64].Or(bit)&bit == 0 {
-		s.c.stats.prefetched.Add(s.blockLen(i))
-		s.c.stats.prefetchUnused.Add(s.blockLen(i))
-	}
+	s.prefetched.mark(i, s.blockLen(i), &s.c.stats.prefetched, &s.c.stats.prefetchUnused)
 }
 
 // unmarkPrefetched clears block i's prefetch flag and reports whether it
 // was set.
 func (s *blobState) unmarkPrefetched(i int64) bool {
-	bit := uint64(1) << (i % 64)
-	if s.prefetched[i/64].Load()&bit == 0 {
-		return false // the common case, without a write to a shared word
-	}
-	if s.prefetched[i/64].And(^bit)&bit == 0 {
-		return false
-	}
-	s.c.stats.prefetchUnused.Add(-s.blockLen(i))
-	return true
+	return s.prefetched.unmark(i, s.blockLen(i), &s.c.stats.prefetchUnused)
 }
 
 func (s *blobState) window(block int64) int64 { return block / s.bpw }
@@ -286,6 +280,7 @@ func (s *blobState) dropBlocks(first, end int64) (int64, error) {
 		if s.has(i) {
 			s.present[i/64].And(^(uint64(1) << (i % 64)))
 			s.unmarkPrefetched(i)
+			s.unmarkAhead(i)
 			dropped += s.blockLen(i)
 		}
 	}

@@ -16,6 +16,8 @@ type counters struct {
 	demandFetches, demandNS    atomic.Int64
 	prefetched, prefetchUnused atomic.Int64
 	prefetchHits, prefetchLate atomic.Int64
+	readahead, readaheadUnused atomic.Int64
+	readaheadHits              atomic.Int64
 }
 
 type blobCounters struct {
@@ -52,6 +54,12 @@ type Stats struct {
 	PrefetchHits        int64
 	PrefetchLate        int64
 	PrefetchUnusedBytes int64
+	// ReadaheadBytes were fetched ahead of sequential readers;
+	// ReadaheadHits counts blocks a read took from them (found there or
+	// waited for); ReadaheadUnusedBytes were read ahead and not read (yet).
+	ReadaheadBytes       int64
+	ReadaheadHits        int64
+	ReadaheadUnusedBytes int64
 }
 
 // Stats returns a snapshot of the cache's counters.
@@ -66,6 +74,8 @@ func (c *Cache) Stats() Stats {
 		DemandFetches: c.stats.demandFetches.Load(), DemandFetchTime: time.Duration(c.stats.demandNS.Load()),
 		PrefetchedBytes: c.stats.prefetched.Load(), PrefetchHits: c.stats.prefetchHits.Load(),
 		PrefetchLate: c.stats.prefetchLate.Load(), PrefetchUnusedBytes: c.stats.prefetchUnused.Load(),
+		ReadaheadBytes: c.stats.readahead.Load(), ReadaheadHits: c.stats.readaheadHits.Load(),
+		ReadaheadUnusedBytes: c.stats.readaheadUnused.Load(),
 	}
 }
 
@@ -133,6 +143,9 @@ func newMetrics() metrics {
 			d("prefetch_hits_total", "Blocks a read found cached thanks to prefetch.", c, func(s Stats) float64 { return float64(s.PrefetchHits) }),
 			d("prefetch_late_total", "Blocks a read waited for while their prefetch was in flight.", c, func(s Stats) float64 { return float64(s.PrefetchLate) }),
 			d("prefetch_unused_bytes", "Prefetched bytes no read has asked for (yet).", g, func(s Stats) float64 { return float64(s.PrefetchUnusedBytes) }),
+			d("readahead_bytes_total", "Bytes fetched ahead of sequential readers.", c, func(s Stats) float64 { return float64(s.ReadaheadBytes) }),
+			d("readahead_hits_total", "Blocks a read took from readahead.", c, func(s Stats) float64 { return float64(s.ReadaheadHits) }),
+			d("readahead_unused_bytes", "Read-ahead bytes no read has asked for (yet).", g, func(s Stats) float64 { return float64(s.ReadaheadUnusedBytes) }),
 			d("max_bytes", "Configured bound on cached data (0 = none).", g, func(s Stats) float64 { return float64(s.MaxBytes) }),
 		},
 	}

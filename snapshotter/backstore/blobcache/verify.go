@@ -12,13 +12,7 @@ import (
 // read that fetched its last block does not wait for the whole blob to be
 // hashed. Close waits for it.
 func (c *Cache) verifyInBackground(s *blobState) {
-	// Under mu, so Close cannot start waiting between the check and the Add.
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed.Load() {
-		return
-	}
-	c.background.Go(func() { _ = s.verify(context.Background()) })
+	c.inBackground(func() { _ = s.verify(context.Background()) })
 }
 
 // Verify checks a fully cached blob against its digest and marks it
