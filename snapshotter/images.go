@@ -185,6 +185,7 @@ func (s *Snapshotter) stopServer(ctx context.Context, id string) error {
 
 func (s *Snapshotter) stopServerLocked(ctx context.Context, id string) error {
 	mp := s.imageMountpoint(id)
+	start := time.Now()
 	err := backstore.Teardown(ctx, s.cfg.StateRoot, mp, s.cfg.Server.StopGrace)
 	switch {
 	case errors.Is(err, backstore.ErrNotMounted):
@@ -192,7 +193,7 @@ func (s *Snapshotter) stopServerLocked(ctx context.Context, id string) error {
 	case err != nil:
 		return err
 	}
-	s.log.Info().Str("image", id).Msg("image server stopped")
+	s.log.Info().Str("image", id).Dur("took", time.Since(start)).Msg("image server stopped")
 	return nil
 }
 

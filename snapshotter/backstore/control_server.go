@@ -26,18 +26,20 @@ type controller struct {
 	img    *Image
 	dev    device.Device
 	mon    *monitor
+	rp     *replays
 	log    zerolog.Logger
 
 	ln       *net.UnixListener
 	handlers sync.WaitGroup
 
 	mu         sync.Mutex
+	closed     bool                  // no new recordings
 	recordings map[string]*recording // by trace path
 }
 
-func newController(ctx context.Context, cfg Config, img *Image, dev device.Device, log zerolog.Logger) *controller {
+func newController(ctx context.Context, cfg Config, img *Image, dev device.Device, rp *replays, log zerolog.Logger) *controller {
 	ctx, cancel := context.WithCancel(ctx)
-	return &controller{ctx: ctx, cancel: cancel, cfg: cfg, img: img, dev: dev, log: log,
+	return &controller{ctx: ctx, cancel: cancel, cfg: cfg, img: img, dev: dev, rp: rp, log: log,
 		recordings: map[string]*recording{}}
 }
 
@@ -53,6 +55,9 @@ func (c *controller) startRecording(path string, maxDuration time.Duration) erro
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if c.closed {
+		return ErrStopping
+	}
 	if _, ok := c.recordings[path]; ok {
 		return fmt.Errorf("already recording into %s", path)
 	}
@@ -63,24 +68,39 @@ func (c *controller) startRecording(path string, maxDuration time.Duration) erro
 	c.recordings[path] = r
 	go func() {
 		<-r.done
-		c.mu.Lock()
-		if c.recordings[path] == r {
-			delete(c.recordings, path)
-		}
-		c.mu.Unlock()
+		c.forget(path, r)
 	}()
 	return nil
 }
 
-// stopRecording ends the recording into path and waits for its trace.
+// forget drops the ended recording r into path.
+func (c *controller) forget(path string, r *recording) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.recordings[path] == r {
+		delete(c.recordings, path)
+	}
+}
+
+// stopRecording ends the recording into path and waits for its trace. A
+// recording that has ended is not running, even if not forgotten yet.
 func (c *controller) stopRecording(path string) error {
 	c.mu.Lock()
 	r, ok := c.recordings[path]
 	c.mu.Unlock()
+	if ok {
+		select {
+		case <-r.done:
+			ok = false
+		default:
+		}
+	}
 	if !ok {
 		return ErrNotRecording
 	}
-	return r.stop()
+	err := r.stop()
+	c.forget(path, r)
+	return err
 }
 
 // replay checks the trace or path list in path and replays it in the
@@ -98,8 +118,7 @@ func (c *controller) replay(path string) error {
 	}
 	cfg := c.cfg
 	cfg.TraceFile = path
-	startReplay(c.ctx, cfg, c.img, c.mon, c.log)
-	return nil
+	return c.rp.start(cfg, c.img, c.mon, c.log)
 }
 
 // listen serves the control socket at path (mode 0600) until close.
@@ -138,6 +157,9 @@ func (c *controller) listen(path string) error {
 // handle answers one request.
 func (c *controller) handle(conn *net.UnixConn) {
 	defer conn.Close()
+	// A peer that sends nothing must not hold up close for the read
+	// deadline.
+	defer context.AfterFunc(c.ctx, func() { conn.SetDeadline(time.Now()) })()
 	var resp ControlResponse
 	req, err := c.readRequest(conn)
 	if err == nil {
@@ -204,22 +226,24 @@ func checkPeer(conn *net.UnixConn) error {
 	return nil
 }
 
-// close stops serving the socket, ends every recording (writing its
-// trace) and every replay.
+// close stops serving the socket and ends every recording, waiting for
+// their traces. Cancelling the controller's context ends the recordings
+// and the requests being read at once.
 func (c *controller) close() error {
 	if c.ln != nil {
 		c.ln.Close()
 	}
 	c.mu.Lock()
+	c.closed = true
 	recs := make([]*recording, 0, len(c.recordings))
 	for _, r := range c.recordings {
 		recs = append(recs, r)
 	}
 	c.mu.Unlock()
+	c.cancel()
+	c.handlers.Wait()
 	for _, r := range recs {
 		r.stop() // a failure is logged by the recording
 	}
-	c.cancel()
-	c.handlers.Wait()
 	return nil
 }

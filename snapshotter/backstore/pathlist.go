@@ -151,6 +151,9 @@ func PathListTrace(ctx context.Context, root string, paths []string, img *Image)
 		}
 		w.entry(fd, strings.HasSuffix(p, "/"))
 	}
+	if err := ctx.Err(); err != nil {
+		return nil, st, err // the walk was cut short: no trace from half a list
+	}
 	if w.full {
 		st.Skipped += len(paths) - st.Files // a rough count: the list was cut short
 	}
@@ -251,7 +254,7 @@ func (w *pathWalker) file(fd int, size int64) {
 		return
 	}
 	w.st.Files++
-	err := fileExtents(fd, size, func(phys, n int64) {
+	err := fileExtents(w.ctx, fd, size, func(phys, n int64) {
 		w.st.Bytes += n
 		first, end := phys/512, (phys+n+511)/512
 		for s := first; s < end; s += maxRequestSectors {

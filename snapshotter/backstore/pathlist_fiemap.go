@@ -1,6 +1,7 @@
 package backstore
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
 	"unsafe"
@@ -22,8 +23,9 @@ const (
 
 // fileExtents calls fn with the device byte range of each extent holding
 // the data of the open file fd of size bytes, in file order, up to its
-// size rounded up to a block (as upstream clips them).
-func fileExtents(fd int, size int64, fn func(phys, n int64)) error {
+// size rounded up to a block (as upstream clips them). It stops, with
+// ctx's error, between ioctls once ctx ends: a fragmented file takes many.
+func fileExtents(ctx context.Context, fd int, size int64, fn func(phys, n int64)) error {
 	if size <= 0 {
 		return nil
 	}
@@ -35,6 +37,9 @@ func fileExtents(fd int, size int64, fn func(phys, n int64)) error {
 	for start, i := int64(0), 0; start < limit; i++ {
 		if i >= fiemapMaxRequests {
 			return fmt.Errorf("backstore: fiemap: over %d requests", fiemapMaxRequests)
+		}
+		if err := ctx.Err(); err != nil {
+			return err
 		}
 		clear(b[:fiemapHeaderSize])
 		le.PutUint64(b[0:], uint64(start))

@@ -2,9 +2,12 @@ package backstore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
+	"sync"
+	"time"
 
 	"github.com/rs/zerolog"
 
@@ -16,51 +19,111 @@ import (
 // maxTraceFile bounds a trace read into memory.
 const maxTraceFile = 256 << 20
 
-// startReplay loads the trace to replay (cfg.TraceFile, else the image's
-// trace layer) and runs it in the background. Any problem with the trace is
+// replayStopTimeout bounds teardown's wait for cancelled replays. All a
+// replay does honours its context except a path list's system calls in the
+// mount, which last as long as the device takes to read the metadata.
+const replayStopTimeout = 5 * time.Second
+
+// ErrStopping is returned for a replay asked for while the server stops.
+var ErrStopping = errors.New("backstore: the server is stopping")
+
+// replays runs a server's replays, the mount's and those asked for on the
+// control socket, so that teardown can end them all before the filesystem
+// goes: a path list being resolved holds files open in the mount (its
+// unmount would then be lazy, keeping the device and FUSE server busy), and
+// a replay must not prefetch into a closed cache.
+type replays struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu      sync.Mutex
+	stopped bool
+}
+
+func newReplays(ctx context.Context) *replays {
+	ctx, cancel := context.WithCancel(ctx)
+	return &replays{ctx: ctx, cancel: cancel}
+}
+
+// start loads the trace to replay (cfg.TraceFile, else the image's trace
+// layer) and runs it in the background. Any problem with the trace is
 // logged and counted, never fatal: a bad trace must not fail a mount.
-func startReplay(ctx context.Context, cfg Config, img *Image, mon *monitor, log zerolog.Logger) {
+func (r *replays) start(cfg Config, img *Image, mon *monitor, log zerolog.Logger) error {
 	source := cfg.TraceFile
 	if source == "" {
 		if img.TraceLayer == nil {
-			return
+			return nil
 		}
 		source = "trace layer " + img.TraceLayer.Digest.String()
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.stopped {
+		return ErrStopping
 	}
 	rs := &ReplayStats{Source: source}
 	var run replayer.Stats
 	mon.setReplay(rs, &run)
-	fail := func(err error) {
-		log.Warn().Err(err).Str("trace", source).Msg("replay skipped")
-		mon.mu.Lock()
-		rs.Error = err.Error()
-		mon.mu.Unlock()
-	}
+	r.wg.Add(1)
 	go func() {
-		t, err := loadReplayTrace(ctx, cfg, img)
-		if err != nil {
-			fail(err)
-			return
+		defer r.wg.Done()
+		if err := replay(r.ctx, cfg, img, mon, rs, &run, log); err != nil && r.ctx.Err() == nil {
+			log.Warn().Err(err).Str("trace", source).Msg("replay skipped")
+			mon.mu.Lock()
+			rs.Error = err.Error()
+			mon.mu.Unlock()
 		}
-		layers := img.replayLayers()
-		plan, err := replayer.NewPlan(t, layers, cfg.Replay)
-		mon.mu.Lock()
-		if plan != nil {
-			rs.Plan = plan.Stats
-		}
-		mon.mu.Unlock()
-		if err != nil {
-			fail(err)
-			return
-		}
-		log.Info().Str("trace", source).Int("frames", plan.Stats.Frames).Int("ranges", plan.Stats.Ranges).
-			Int64("bytes", plan.Stats.Bytes).Int("skipped", plan.Stats.Unmatched+plan.Stats.OutOfRange).Msg("replay started")
-		if err := plan.Run(ctx, layers, cfg.Replay, &run); err != nil && ctx.Err() == nil {
-			fail(err)
-			return
-		}
-		log.Info().Int64("bytes", run.Bytes.Load()).Int64("failed", run.RangesFailed.Load()).Msg("replay done")
 	}()
+	return nil
+}
+
+// stop cancels every replay and waits, at most replayStopTimeout, for them
+// to return. Later calls return at once.
+func (r *replays) stop() error {
+	r.mu.Lock()
+	r.stopped = true
+	r.mu.Unlock()
+	r.cancel()
+	done := make(chan struct{})
+	go func() {
+		r.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-time.After(replayStopTimeout):
+		return fmt.Errorf("backstore: a replay still runs %v after it was cancelled", replayStopTimeout)
+	}
+}
+
+// replay runs one trace's replay to its end or until ctx ends.
+func replay(ctx context.Context, cfg Config, img *Image, mon *monitor, rs *ReplayStats, run *replayer.Stats, log zerolog.Logger) error {
+	t, err := loadReplayTrace(ctx, cfg, img)
+	if err != nil {
+		return err
+	}
+	layers := img.replayLayers()
+	plan, err := replayer.NewPlan(t, layers, cfg.Replay)
+	mon.mu.Lock()
+	if plan != nil {
+		rs.Plan = plan.Stats
+	}
+	mon.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	log.Info().Str("trace", rs.Source).Int("frames", plan.Stats.Frames).Int("ranges", plan.Stats.Ranges).
+		Int64("bytes", plan.Stats.Bytes).Int("skipped", plan.Stats.Unmatched+plan.Stats.OutOfRange).Msg("replay started")
+	if err := plan.Run(ctx, layers, cfg.Replay, run); err != nil {
+		if ctx.Err() != nil {
+			log.Info().Str("trace", rs.Source).Int64("bytes", run.Bytes.Load()).Msg("replay stopped")
+		}
+		return err
+	}
+	log.Info().Int64("bytes", run.Bytes.Load()).Int64("failed", run.RangesFailed.Load()).Msg("replay done")
+	return nil
 }
 
 func loadTrace(ctx context.Context, path string, img *Image) (*trace.Trace, error) {

@@ -2,12 +2,15 @@ package backstore
 
 import (
 	"bytes"
+	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/opencontainers/go-digest"
+	"github.com/rs/zerolog"
 
 	"github.com/obdtrace/obdtrace/internal/testutil/registry"
 	"github.com/obdtrace/obdtrace/internal/testutil/testdata"
@@ -126,5 +129,34 @@ func wantError(t *testing.T, r *ReplayStats) {
 	t.Helper()
 	if r.Error == "" {
 		t.Errorf("replay %+v: want an error recorded", r)
+	}
+}
+
+// TestReplaysStop stops a replay still waiting for its filesystem (a path
+// list waits for the mount): stop cancels it and returns once it has
+// ended, and no replay starts after it.
+func TestReplaysStop(t *testing.T) {
+	list := filepath.Join(t.TempDir(), "list")
+	if err := os.WriteFile(list, []byte("/hello\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	img := &Image{}
+	mon := newMonitor("ref", "/mnt", img, nil)
+	cfg := Config{TraceFile: list, mounted: make(chan struct{}), Logger: zerolog.Nop()}
+	rp := newReplays(context.Background())
+	if err := rp.start(cfg, img, mon, cfg.Logger); err != nil {
+		t.Fatal(err)
+	}
+	if err := rp.stop(); err != nil {
+		t.Fatalf("stop: %v (the replay did not end once cancelled)", err)
+	}
+	if mon.replay == nil || mon.replay.Error != "" {
+		t.Errorf("replay stats %+v: a cancelled replay is not an error", mon.replay)
+	}
+	if err := rp.start(cfg, img, mon, cfg.Logger); !errors.Is(err, ErrStopping) {
+		t.Errorf("start after stop: %v, want ErrStopping", err)
+	}
+	if err := rp.stop(); err != nil {
+		t.Errorf("second stop: %v", err)
 	}
 }

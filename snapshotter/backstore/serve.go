@@ -35,8 +35,11 @@ type Config struct {
 	CacheRefillSize int64
 	// CacheBlockSize is the cache's unit of presence (0 = its default).
 	CacheBlockSize int64
-	Baselayer      string
-	Registry       registry.Options
+	// DeviceTuning overrides the device's measured defaults when non-nil
+	// (benchmarks compare readahead windows with it).
+	DeviceTuning *device.Tuning
+	Baselayer    string
+	Registry     registry.Options
 	// MetricsAddr, when set, serves Prometheus metrics at /metrics.
 	MetricsAddr string
 	// StatsFile is where the stats JSON goes; default state dir/stats.json.
@@ -83,12 +86,12 @@ func Serve(ctx context.Context, cfg Config) (err error) {
 	}
 	var cleanup cleanupStack
 	defer func() {
-		if cerr := cleanup.run(); cerr != nil {
+		if cerr := cleanup.run(log); cerr != nil {
 			log.Error().Err(cerr).Msg("teardown")
 			err = errors.Join(err, cerr)
 		}
 	}()
-	cleanup.push(func() error { return os.RemoveAll(stateDir) })
+	cleanup.push("state dir", func() error { return os.RemoveAll(stateDir) })
 
 	cache, err := blobcache.Open(cfg.CacheDir, blobcache.Options{
 		MaxBytes: cfg.CacheMaxBytes, RefillSize: cfg.CacheRefillSize, BlockSize: cfg.CacheBlockSize,
@@ -96,7 +99,7 @@ func Serve(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return err
 	}
-	cleanup.push(cache.Close)
+	cleanup.push("cache", cache.Close)
 	client, err := registry.New(cfg.Registry)
 	if err != nil {
 		return err
@@ -105,22 +108,26 @@ func Serve(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return err
 	}
-	cleanup.push(img.Close)
+	cleanup.push("image", img.Close)
 	log.Info().Str("ref", cfg.Ref).Int("layers", len(img.Layers)).Int64("virtual_size", img.Size()).Msg("image opened")
 
-	dev, err := device.FUSELoop{}.Attach(ctx, img, device.Options{MountDir: filepath.Join(stateDir, "fuse"), Logger: log})
+	dev, err := device.FUSELoop{}.Attach(ctx, img, device.Options{MountDir: filepath.Join(stateDir, "fuse"), Tuning: cfg.DeviceTuning, Logger: log})
 	if err != nil {
 		return err
 	}
-	cleanup.push(dev.Close)
+	cleanup.push("device", dev.Close)
 	mode, err := TraceModeOf(cfg.TraceFile)
 	if err != nil {
 		log.Warn().Err(err).Str("trace", cfg.TraceFile).Msg("trace path unusable; neither recording nor replaying it")
 	}
+	// Replays end before the filesystem is unmounted (see replays); this
+	// step ends one started for a mount that then failed.
+	rp := newReplays(ctx)
+	cleanup.push("replays", rp.stop)
 	// The controller outlives the mount: a recording's trace is written
 	// once the filesystem is unmounted.
-	ctl := newController(ctx, cfg, img, dev, log)
-	cleanup.push(ctl.close)
+	ctl := newController(ctx, cfg, img, dev, rp, log)
+	cleanup.push("controller", ctl.close)
 	if mode == TraceRecord {
 		// Started before ext4 is mounted, so the mount's own reads are in
 		// the trace, as upstream records them.
@@ -134,27 +141,29 @@ func Serve(ctx context.Context, cfg Config) (err error) {
 	// already find the trace's first blocks coming; a path list waits for
 	// the mount inside, since it is resolved through the filesystem.
 	mounted := make(chan struct{})
-	cfg.mounted = mounted
-	replayCtx, stopReplay := context.WithCancel(ctx)
-	cleanup.push(func() error { stopReplay(); return nil })
 	if !cfg.NoReplay && mode != TraceRecord {
+		rcfg := cfg
+		rcfg.mounted = mounted
 		if mode != TraceReplay {
-			cfg.TraceFile = "" // absent: the image's own trace layer, if any
+			rcfg.TraceFile = "" // absent: the image's own trace layer, if any
 		}
-		startReplay(replayCtx, cfg, img, mon, log)
+		if err := rp.start(rcfg, img, mon, log); err != nil {
+			return err
+		}
 	}
 	if err := unix.Mount(dev.Path(), mountpoint, "ext4", unix.MS_RDONLY, "noload"); err != nil {
 		return fmt.Errorf("backstore: mount %s on %s: %w", dev.Path(), mountpoint, err)
 	}
 	close(mounted)
-	cleanup.push(func() error { return unmountIfMounted(mountpoint) })
+	cleanup.push("ext4 mount", func() error { return unmountIfMounted(mountpoint) })
+	cleanup.push("replays", rp.stop)
 
 	if cfg.MetricsAddr != "" {
 		addr, stop, err := serveMetrics(cfg.MetricsAddr, mon, cache, log)
 		if err != nil {
 			return err
 		}
-		cleanup.push(stop)
+		cleanup.push("metrics", stop)
 		mon.metricsAddr = addr
 	}
 	ctl.mon = mon
@@ -241,18 +250,40 @@ func serveMetrics(addr string, mon *monitor, cache *blobcache.Cache, log zerolog
 	}, nil
 }
 
+// slowTeardownStep is how long a teardown step may take before it is
+// logged as slow: the snapshotter waits for this process to go.
+const slowTeardownStep = time.Second
+
 // cleanupStack runs teardown steps in reverse order of setup.
-type cleanupStack []func() error
+type cleanupStack []cleanupStep
 
-func (c *cleanupStack) push(f func() error) { *c = append(*c, f) }
+type cleanupStep struct {
+	name string
+	f    func() error
+}
 
-func (c *cleanupStack) run() error {
+func (c *cleanupStack) push(name string, f func() error) { *c = append(*c, cleanupStep{name, f}) }
+
+// run runs the steps, logging each one's duration so that a slow stop
+// says where its time went.
+func (c *cleanupStack) run(log zerolog.Logger) error {
 	var errs []error
+	start := time.Now()
 	for i := len(*c) - 1; i >= 0; i-- {
-		if err := (*c)[i](); err != nil {
-			errs = append(errs, err)
+		step := (*c)[i]
+		t := time.Now()
+		err := step.f()
+		took := time.Since(t)
+		ev := log.Debug()
+		if took >= slowTeardownStep {
+			ev = log.Warn()
+		}
+		ev.Err(err).Str("step", step.name).Dur("took", took).Msg("teardown step")
+		if err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", step.name, err))
 		}
 	}
 	*c = nil
+	log.Info().Dur("took", time.Since(start)).Msg("torn down")
 	return errors.Join(errs...)
 }
