@@ -33,7 +33,9 @@ func buildRecorder(t *testing.T) string {
 
 // startCapture starts `obd-recorder capture` and waits until its programs are
 // attached, returning their IDs for the leak checks.
-func startCapture(t *testing.T, bin string, stdout, stderr *bytes.Buffer, args ...string) (cmd *exec.Cmd, progs, links []uint32) {
+// startCapture starts the capture command and waits until wantLinks of its
+// BPF links are attached (they attach one after the other).
+func startCapture(t *testing.T, bin string, wantLinks int, stdout, stderr *bytes.Buffer, args ...string) (cmd *exec.Cmd, progs, links []uint32) {
 	t.Helper()
 	cmd = exec.Command(bin, append([]string{"capture"}, args...)...)
 	cmd.Stdout, cmd.Stderr = stdout, stderr
@@ -48,7 +50,7 @@ func startCapture(t *testing.T, bin string, stdout, stderr *bytes.Buffer, args .
 	})
 	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
 		progs, links = bpftest.BPFObjects(t, cmd.Process.Pid, "obd_")
-		if len(links) > 0 {
+		if len(links) >= wantLinks {
 			return cmd, progs, links
 		}
 	}
@@ -107,7 +109,7 @@ func TestCaptureSignalToFile(t *testing.T) {
 	outDir := t.TempDir()
 	out := filepath.Join(outDir, "events.jsonl")
 	var stdout, stderr bytes.Buffer
-	cmd, progs, links := startCapture(t, bin, &stdout, &stderr,
+	cmd, progs, links := startCapture(t, bin, 1, &stdout, &stderr,
 		"--device", a.Path, "--device", fmt.Sprintf("%d:%d", b.Major, b.Minor), "--output", out)
 
 	type read struct {
@@ -171,7 +173,7 @@ func TestCaptureDurationToStdout(t *testing.T) {
 	a := bpftest.NewLoop(t, dir, 8<<20)
 	var stdout, stderr bytes.Buffer
 	start := time.Now()
-	cmd, _, _ := startCapture(t, bin, &stdout, &stderr, "--device", a.Path, "--duration", "1s")
+	cmd, _, _ := startCapture(t, bin, 1, &stdout, &stderr, "--device", a.Path, "--duration", "1s")
 	a.ReadDirect(t, 4096, 4096)
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("capture: %v; stderr: %s", err, stderr.String())
@@ -197,7 +199,7 @@ func TestCaptureKill9LeavesNothing(t *testing.T) {
 	a := bpftest.NewLoop(t, dir, 8<<20)
 	outDir := t.TempDir()
 	var stdout, stderr bytes.Buffer
-	cmd, progs, links := startCapture(t, bin, &stdout, &stderr,
+	cmd, progs, links := startCapture(t, bin, 2, &stdout, &stderr,
 		"--device", a.Path, "--latency", "--output", filepath.Join(outDir, "x.jsonl"))
 	// Issue and completion are attached; the flush program is loaded but
 	// never attached (the reader runs it on a CPU).
