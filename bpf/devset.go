@@ -49,6 +49,9 @@ func (c *Capture) AddDevice(d Dev) error {
 	if c.closed {
 		return ErrClosed
 	}
+	if _, ok := c.set[d]; ok {
+		return nil
+	}
 	if err := c.devices.Update(uint32(d), uint8(1), ebpf.UpdateAny); err != nil {
 		if errors.Is(err, unix.E2BIG) {
 			return fmt.Errorf("bpf: add device %s: device set is full (%d devices)", d, MaxDevices)
@@ -58,7 +61,17 @@ func (c *Capture) AddDevice(d Dev) error {
 	c.set[d] = struct{}{}
 	// After the hash map: once the slot names d, the program may look for
 	// it there.
-	return c.writeSlot(devHash(d))
+	if err := c.writeSlot(devHash(d)); err != nil {
+		// Undone, so that the set is what Devices lists and what the
+		// program sees: the slot still holds its old value, which the
+		// set without d gives again.
+		delete(c.set, d)
+		if derr := c.devices.Delete(uint32(d)); derr != nil && !errors.Is(derr, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("bpf: add device %s: %w; undo: %w", d, err, derr)
+		}
+		return fmt.Errorf("bpf: add device %s: %w", d, err)
+	}
+	return nil
 }
 
 // RemoveDevice stops reporting requests to d; requests already reported are

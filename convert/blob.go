@@ -162,10 +162,31 @@ func checkZFileOptions(o zfile.Options) error {
 }
 
 // zfileKey is the part of a layer's cache key that says how it was
-// compressed: blobs built with other settings must not be reused.
+// compressed: blobs built with other settings must not be reused, and
+// options that write the same blob share a key.
 func zfileKey(o zfile.Options) string {
-	if o == (zfile.Options{}) {
+	o = normalZFile(o)
+	if o == normalZFile(zfile.Options{}) {
 		return "" // upstream's settings: keep the keys of existing caches
 	}
 	return fmt.Sprintf(" zfile=%v/%d/%d/%t", o.Algorithm, o.BlockSize, o.Level, o.NoVerify)
+}
+
+// normalZFile spells out the zero values of o the way zfile.Writer reads
+// them, so that equal settings compare equal; the zstd level keeps 0 for
+// its default (3), as cache keys written before have it.
+func normalZFile(o zfile.Options) zfile.Options {
+	if o.Algorithm == zfile.MiniLZO {
+		o.Algorithm = zfile.LZ4
+	}
+	if o.BlockSize == 0 {
+		o.BlockSize = 4 << 10
+	}
+	switch {
+	case o.Algorithm == zfile.LZ4:
+		o.Level = 0 // not used by LZ4
+	case o.Level == 3:
+		o.Level = 0
+	}
+	return o
 }

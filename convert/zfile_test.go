@@ -44,6 +44,42 @@ func TestCheckZFileOptions(t *testing.T) {
 	}
 }
 
+// TestZFileKey checks that options writing the same blob share a cache key
+// and that others do not.
+func TestZFileKey(t *testing.T) {
+	for _, o := range []zfile.Options{
+		{Algorithm: zfile.LZ4},
+		{BlockSize: 4 << 10},
+		{Algorithm: zfile.LZ4, BlockSize: 4 << 10},
+		{Algorithm: zfile.LZ4, BlockSize: 4 << 10, Level: 7}, // LZ4 has no levels
+	} {
+		if k := zfileKey(o); k != "" {
+			t.Errorf("%+v: key %q, want upstream's (none)", o, k)
+		}
+	}
+	zstd64 := zfileKey(zfile.Options{Algorithm: zfile.ZSTD, BlockSize: 64 << 10})
+	if zstd64 != " zfile=zstd/65536/0/false" {
+		t.Errorf("zstd, 64 KiB: key %q changed: existing caches would be rebuilt", zstd64)
+	}
+	if k := zfileKey(zfile.Options{Algorithm: zfile.ZSTD, BlockSize: 64 << 10, Level: 3}); k != zstd64 {
+		t.Errorf("zstd level 3 (the default): key %q, want %q", k, zstd64)
+	}
+	seen := map[string]zfile.Options{"": {}}
+	for _, o := range []zfile.Options{
+		{NoVerify: true},
+		{BlockSize: 8 << 10},
+		{Algorithm: zfile.ZSTD},
+		{Algorithm: zfile.ZSTD, BlockSize: 64 << 10},
+		{Algorithm: zfile.ZSTD, BlockSize: 64 << 10, Level: 9},
+	} {
+		k := zfileKey(o)
+		if prev, ok := seen[k]; ok {
+			t.Errorf("%+v and %+v share key %q", o, prev, k)
+		}
+		seen[k] = o
+	}
+}
+
 // TestHelloWorldZstd converts hello-world with zstd and 64 KiB blocks: the
 // layer blob says so, /hello reads back right, and a converter with the
 // default settings on the same cache builds its own blob instead of taking

@@ -3,11 +3,13 @@ package snapshotter
 import (
 	"errors"
 	"fmt"
+	"math/bits"
 	"path/filepath"
 	"time"
 
 	"github.com/obdtrace/obdtrace/replayer"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore"
+	"github.com/obdtrace/obdtrace/snapshotter/backstore/blobcache"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore/registry"
 )
 
@@ -65,6 +67,41 @@ type CacheConfig struct {
 	// BlockSize is the cache's unit of presence (0 = 64 KiB): smaller
 	// blocks let replay fetch exactly a trace's ranges.
 	BlockSize int64 `mapstructure:"block_size" json:"block_size,omitempty"`
+}
+
+// Bounds of the cache sizes, as blobcache's Options documents them.
+const (
+	minCacheBlockSize = 4 << 10
+	maxCacheBlockSize = 16 << 20
+	maxCacheRefill    = 64 << 20
+)
+
+// validate applies the rules blobcache.Open applies to the options an
+// image server derives from c (see Options.withDefaults in
+// snapshotter/backstore/blobcache/cache.go), so that a bad size fails here
+// and not in every image server. The servers leave the cache's readahead
+// at its default, blobcache.DefaultReadahead, which must be a multiple of
+// the refill size. TestCacheConfigMatchesBlobcache checks the two agree.
+func (c CacheConfig) validate() error {
+	block, refill := c.BlockSize, c.RefillSize
+	if block == 0 {
+		block = blobcache.DefaultBlockSize
+	}
+	if refill == 0 {
+		refill = max(blobcache.DefaultRefillSize, block)
+	}
+	readahead := max(int64(blobcache.DefaultReadahead), refill)
+	switch {
+	case c.BlockSize < 0 || block < minCacheBlockSize || block > maxCacheBlockSize || bits.OnesCount64(uint64(block)) != 1:
+		return fmt.Errorf("%w: cache.block_size %d is not a power of two from %d to %d", ErrConfig, c.BlockSize, minCacheBlockSize, maxCacheBlockSize)
+	case c.RefillSize < 0 || refill < block || refill%block != 0 || refill > maxCacheRefill:
+		return fmt.Errorf("%w: cache.refill_size %d is not a multiple of the block size %d up to %d", ErrConfig, c.RefillSize, block, maxCacheRefill)
+	case readahead%refill != 0 || readahead > maxCacheRefill:
+		return fmt.Errorf("%w: cache.refill_size %d does not divide the cache's readahead span %d", ErrConfig, refill, readahead)
+	case c.MaxBytes < 0 || (c.MaxBytes > 0 && c.MaxBytes < 4*refill):
+		return fmt.Errorf("%w: cache.max_bytes %d is below 4 refill windows (%d)", ErrConfig, c.MaxBytes, 4*refill)
+	}
+	return nil
 }
 
 // RegistryConfig says how the image servers talk to registries.
@@ -156,12 +193,6 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: state_root: %w", ErrConfig, err)
 	}
 	switch {
-	case c.Cache.MaxBytes < 0:
-		return fmt.Errorf("%w: cache.max_bytes %d is negative", ErrConfig, c.Cache.MaxBytes)
-	case c.Cache.BlockSize < 0:
-		return fmt.Errorf("%w: cache.block_size %d is negative", ErrConfig, c.Cache.BlockSize)
-	case c.Cache.RefillSize < 0:
-		return fmt.Errorf("%w: cache.refill_size %d is negative", ErrConfig, c.Cache.RefillSize)
 	case c.Replay.BytesPerSecond < 0:
 		return fmt.Errorf("%w: replay.bytes_per_second %d is negative", ErrConfig, c.Replay.BytesPerSecond)
 	case c.Server.ReadyTimeout <= 0:
@@ -170,6 +201,9 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: record.max_duration %v is negative", ErrConfig, c.Record.MaxDuration)
 	case c.Server.StopGrace < 0:
 		return fmt.Errorf("%w: server.stop_grace %v is negative", ErrConfig, c.Server.StopGrace)
+	}
+	if err := c.Cache.validate(); err != nil {
+		return err
 	}
 	for host := range c.Registry.Credentials {
 		if host == "" {

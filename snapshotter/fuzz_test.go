@@ -1,6 +1,8 @@
 package snapshotter
 
 import (
+	"errors"
+	"strings"
 	"testing"
 
 	"github.com/containerd/errdefs"
@@ -37,6 +39,47 @@ func FuzzLayerLabels(f *testing.F) {
 		}
 		if _, err := pinRef(layer.Ref, layer.Manifest); err != nil {
 			t.Fatalf("accepted a reference that cannot be pinned: %v", err)
+		}
+	})
+}
+
+// FuzzMirrorConfig feeds the registry.mirrors configuration what a config
+// file could hold: a bad entry must fail as ErrConfig, never panic, and an
+// accepted one must name an http or https host and nothing else.
+func FuzzMirrorConfig(f *testing.F) {
+	f.Add("docker.io", "mirror.example:5000", "")
+	f.Add("r.example:5000", "http://m.example", "")
+	f.Add("docker.io", "m.example:80", "m.example:80")
+	f.Add("r.example", "https://m.example/", "")
+	f.Add("r.example", "ftp://m.example", "")
+	f.Add("r.example", "https://u:p@m.example", "")
+	f.Add("r.example", "m.example/path?q=1", "")
+	f.Add("a b", "m.example", "")
+	f.Add("", "m.example", "")
+	f.Add("r.example", "[::1]:5000", "[::1]:5000")
+	f.Add("r.example", "http://%zz", "")
+	f.Add("r.example", "", "")
+	f.Fuzz(func(t *testing.T, origin, mirror, insecure string) {
+		mt, err := newMirrorTransport(nil, map[string][]string{origin: {mirror}}, []string{insecure}, nil)
+		if err != nil {
+			if !errors.Is(err, ErrConfig) {
+				t.Fatalf("error %v does not wrap ErrConfig", err)
+			}
+			return
+		}
+		urls := mt.mirrors[origin]
+		if len(urls) != 1 {
+			t.Fatalf("mirrors of %q: %v, want the one given", origin, urls)
+		}
+		u := urls[0]
+		if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || u.Path != "" || u.User != nil || u.RawQuery != "" {
+			t.Fatalf("mirror %q accepted as %#v", mirror, u)
+		}
+		if !strings.Contains(mirror, "://") && (u.Scheme == "http") != (mirror == insecure) {
+			t.Fatalf("mirror %q (insecure %q) got scheme %s", mirror, insecure, u.Scheme)
+		}
+		if origin == "docker.io" && len(mt.mirrors[dockerHubHost]) != 1 {
+			t.Fatalf("docker.io mirrors not used for %s", dockerHubHost)
 		}
 	})
 }

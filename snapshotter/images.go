@@ -1,6 +1,7 @@
 package snapshotter
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -28,8 +29,11 @@ var ErrImageServer = errors.New("snapshotter: image server")
 // ensureImage makes sure the device of the overlaybd chain topped by layer
 // id is served and mounted, starting its server when there is none and
 // replacing one that died. A server started now records into or replays
-// trace (see traceRequest), asked for by the snapshot key.
-func (s *Snapshotter) ensureImage(ctx context.Context, id, key, trace string) error {
+// trace (see traceRequest), asked for by the snapshot key. It reports
+// whether a recording into trace started for this request: only then is
+// the recording this snapshot's to stop (another snapshot's recording
+// into the same path is refused and must outlive this one).
+func (s *Snapshotter) ensureImage(ctx context.Context, id, key, trace string) (recording bool, err error) {
 	s.imageLocks.Lock(id)
 	defer s.imageLocks.Unlock(id)
 	mp := s.imageMountpoint(id)
@@ -39,25 +43,33 @@ func (s *Snapshotter) ensureImage(ctx context.Context, id, key, trace string) er
 		mounted, _ := mountinfo.Mounted(mp)
 		if serverAlive(st) && mounted {
 			if trace != "" {
-				s.traceOnAttached(ctx, st, id, key, trace)
+				recording = s.traceOnAttached(ctx, st, id, key, trace)
 			}
-			return nil
+			return recording, nil
 		}
 		s.log.Warn().Str("image", id).Int("pid", st.PID).Bool("mounted", mounted).
 			Msg("image server gone: cleaning up before starting a new one")
 		if err := backstore.Teardown(ctx, s.cfg.StateRoot, mp, s.cfg.Server.StopGrace); err != nil {
-			return fmt.Errorf("%w: clean up after the dead server of image %s: %w", ErrImageServer, id, err)
+			return false, fmt.Errorf("%w: clean up after the dead server of image %s: %w", ErrImageServer, id, err)
 		}
 	case !errors.Is(err, backstore.ErrNotMounted):
-		return fmt.Errorf("%w: state of image %s: %w", ErrImageServer, id, err)
+		return false, fmt.Errorf("%w: state of image %s: %w", ErrImageServer, id, err)
 	}
-	return s.startServer(ctx, id, trace)
+	// Asked before the start, as the server decides: a server started with
+	// a trace to record is recording once it is up (it starts recording
+	// before it mounts), and the file stays empty until the recording ends.
+	mode, _ := backstore.TraceModeOf(trace)
+	if err := s.startServer(ctx, id, trace); err != nil {
+		return false, err
+	}
+	return mode == backstore.TraceRecord, nil
 }
 
 // traceOnAttached asks the running server of image id to record into or
-// replay trace for the container snapshot key. Recording on a device
-// other containers read records their reads too.
-func (s *Snapshotter) traceOnAttached(ctx context.Context, st backstore.State, id, key, trace string) {
+// replay trace for the container snapshot key, and reports whether a
+// recording started. Recording on a device other containers read records
+// their reads too.
+func (s *Snapshotter) traceOnAttached(ctx context.Context, st backstore.State, id, key, trace string) bool {
 	mode, err := backstore.TraceModeOf(trace)
 	req := backstore.ControlRequest{Op: backstore.OpReplay, Path: trace}
 	if mode == backstore.TraceRecord {
@@ -71,11 +83,18 @@ func (s *Snapshotter) traceOnAttached(ctx context.Context, st backstore.State, i
 	}
 	if err != nil {
 		s.traceLabelProblem(key, trace, reasonServer, fmt.Errorf("device already attached: %w", err))
-		return
+		return false
 	}
 	s.log.Info().Str("image", id).Str("key", key).Str("op", req.Op).Str("trace", trace).
 		Msg("trace request sent to the running image server")
+	return req.Op == backstore.OpRecord
 }
+
+// stopRecordingTimeout bounds how long a snapshot's removal waits for its
+// recording's trace: Remove runs inside containerd's garbage collector,
+// which must not stall on a slow trace write. The server finishes the
+// trace regardless.
+const stopRecordingTimeout = 10 * time.Second
 
 // stopRecording ends the recording a removed container snapshot asked for
 // on image id, if it still runs. Once the server stops, so does the
@@ -85,8 +104,14 @@ func (s *Snapshotter) stopRecording(ctx context.Context, id, trace string) {
 	if err != nil || !serverAlive(st) {
 		return
 	}
+	wait := cmp.Or(s.stopWait, stopRecordingTimeout)
+	ctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
 	err = backstore.SendControl(ctx, st, backstore.ControlRequest{Op: backstore.OpStopRecord, Path: trace})
 	switch {
+	case errors.Is(err, context.DeadlineExceeded):
+		s.log.Warn().Err(err).Str("image", id).Str("trace", trace).Dur("waited", wait).
+			Msg("stop-record not answered in time: the image server finishes the trace if the request reached it, else the recording ends with the device or its max duration")
 	case errors.Is(err, backstore.ErrNotRecording):
 		s.log.Debug().Str("image", id).Str("trace", trace).Msg("recording already ended")
 	case err != nil:

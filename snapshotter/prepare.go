@@ -71,7 +71,7 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) (_ []mount.Mount, 
 		return nil, err
 	}
 	if rec.Image != "" {
-		if err := s.ensureImage(ctx, rec.Image, key, ""); err != nil {
+		if _, err := s.ensureImage(ctx, rec.Image, key, ""); err != nil {
 			return nil, err
 		}
 	}
@@ -224,22 +224,25 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 	}); err != nil {
 		return nil, err
 	}
-	trace, mode := s.traceRequest(key, info.Labels, rec.Image != "")
-	if mode == backstore.TraceRecord {
-		// Remembered so that the recording stops with this snapshot.
-		rec.Recording = trace
-		if err := writeRecord(s.snapshotDir(snap.ID), rec); err != nil {
-			s.log.Warn().Err(err).Str("key", key).Msg("remember a recording: it ends with the device or its max duration instead")
-		}
-	}
+	trace, _ := s.traceRequest(key, info.Labels, rec.Image != "")
 	if rec.Image != "" {
-		if err := s.ensureImage(ctx, rec.Image, key, trace); err != nil {
+		recording, err := s.ensureImage(ctx, rec.Image, key, trace)
+		if err != nil {
 			// Undo the snapshot: a container must not get mounts that do
 			// not work.
 			if rerr := s.Remove(ctx, key); rerr != nil {
 				s.log.Error().Err(rerr).Str("key", key).Msg("remove snapshot after its image failed to mount")
 			}
 			return nil, err
+		}
+		if recording {
+			// Remembered so that the recording stops with this snapshot;
+			// only one this request started, since recordings are known
+			// by path and another snapshot's must not end with this one.
+			rec.Recording = trace
+			if err := writeRecord(s.snapshotDir(snap.ID), rec); err != nil {
+				s.log.Warn().Err(err).Str("key", key).Msg("remember a recording: it ends with the device or its max duration instead")
+			}
 		}
 	}
 	return s.mounts(snap, info)

@@ -36,6 +36,9 @@ type Snapshotter struct {
 	// down, per overlaybd top layer ID.
 	imageLocks *locker.Locker
 	metrics    *metrics
+	// stopWait bounds a removal's wait for its recording's trace;
+	// 0 means stopRecordingTimeout (tests shorten it).
+	stopWait time.Duration
 }
 
 var _ snapshots.Snapshotter = (*Snapshotter)(nil)

@@ -77,8 +77,19 @@ func TestTraceLabelProblems(t *testing.T) {
 			t.Errorf("problems with reason %s: %v, want %v", reason, got, n)
 		}
 	}
+	// The refused request's snapshot goes first: the recording is the
+	// first snapshot's, and must go on (recordings are known by path).
+	if err := sn.Remove(ctx, "record-2"); err != nil {
+		t.Fatalf("Remove record-2: %v", err)
+	}
+	if _, err := os.Stat(empty + ".lock"); err != nil {
+		t.Errorf("removing the snapshot whose recording was refused ended the other's: %v", err)
+	}
+	if _, err := os.Stat(empty + ".ok"); err == nil {
+		t.Errorf("removing the snapshot whose recording was refused wrote the other's trace")
+	}
 	for _, key := range []string{"missing-dir", "relative", "directory", "garbage", "bad-pb", "bad-list",
-		"record-1", "record-2", "plain-1", "plain", target} {
+		"record-1", "plain-1", "plain", target} {
 		if err := sn.Remove(ctx, key); err != nil {
 			t.Fatalf("Remove %s: %v", key, err)
 		}

@@ -20,7 +20,7 @@ func TestLoadConfig(t *testing.T) {
 root: /file/root
 address: /file/sock
 cache:
-  max_bytes: 1000
+  max_bytes: 1000000000
 registry:
   insecure: [a.example:5000]
   credentials:
@@ -37,7 +37,7 @@ server:
 		t.Fatal(err)
 	}
 	t.Setenv("OBD_ADDRESS", "/env/sock")
-	t.Setenv("OBD_CACHE_MAX_BYTES", "2000")
+	t.Setenv("OBD_CACHE_MAX_BYTES", "2000000000")
 	t.Setenv("OBD_REGISTRY_INSECURE", "c.example,d.example:80")
 	cmd := newRootCommand()
 	if err := cmd.ParseFlags([]string{"--root", "/flag/root"}); err != nil {
@@ -50,7 +50,7 @@ server:
 	want := map[string][2]any{
 		"root (flag)":          {cfg.Root, "/flag/root"},
 		"address (env)":        {cfg.Address, "/env/sock"},
-		"cache (env)":          {cfg.Cache.MaxBytes, int64(2000)},
+		"cache (env)":          {cfg.Cache.MaxBytes, int64(2000000000)},
 		"workers (file)":       {cfg.Replay.Workers, 3},
 		"ready (file)":         {cfg.Server.ReadyTimeout, 30 * time.Second},
 		"replay (default)":     {cfg.Replay.Enabled, true},

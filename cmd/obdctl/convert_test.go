@@ -55,6 +55,9 @@ func TestConvertCommandErrors(t *testing.T) {
 		{"only-one"},
 		{"--mkfs", "--vsize", "0", "oci:/a", "oci:/b"},
 		{"--insecure", "oci:", "oci:/b"},
+		{"--compression", "gzip", "oci:/a", "oci:/b"},
+		{"--compression", "lz4", "--zstd-level", "5", "oci:/a", "oci:/b"},
+		{"--block-size", "3", "oci:/a", "oci:/b"},
 	} {
 		if _, err := runConvert(t, args...); err == nil {
 			t.Errorf("convert %v: no error", args)

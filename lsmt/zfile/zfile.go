@@ -81,6 +81,19 @@ func (a Algorithm) String() string {
 	return "Algorithm(" + strconv.Itoa(int(a)) + ")"
 }
 
+// ParseAlgorithm returns the algorithm a writer can use named name ("lz4"
+// or "zstd", in any case), as String spells it. MiniLZO, which no writer
+// supports, and unknown names wrap ErrUnsupported.
+func ParseAlgorithm(name string) (Algorithm, error) {
+	switch strings.ToLower(name) {
+	case "lz4":
+		return LZ4, nil
+	case "zstd":
+		return ZSTD, nil
+	}
+	return 0, fmt.Errorf("%w: compression %q: want lz4 or zstd", ErrUnsupported, name)
+}
+
 // Flags are the header/trailer flag bits. Old files carry garbage in the
 // upper bits, so only the named bits are meaningful.
 type Flags uint64

@@ -11,6 +11,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/obdtrace/obdtrace/lsmt/tarwrap"
@@ -281,4 +282,21 @@ func TestRecompressMatchesUpstream(t *testing.T) {
 		}
 	}
 	t.Fatalf("re-compressed ZFile is %d bytes, upstream's %d", len(out.b), len(zf))
+}
+
+func TestParseAlgorithm(t *testing.T) {
+	for name, want := range map[string]Algorithm{"lz4": LZ4, "zstd": ZSTD, "ZSTD": ZSTD, "Lz4": LZ4} {
+		got, err := ParseAlgorithm(name)
+		if err != nil || got != want {
+			t.Errorf("ParseAlgorithm(%q) = %v, %v; want %v", name, got, err, want)
+		}
+		if got.String() != strings.ToLower(name) {
+			t.Errorf("ParseAlgorithm(%q).String() = %q: does not round-trip", name, got)
+		}
+	}
+	for _, name := range []string{"", "minilzo", "gzip", "lz4 ", "zstd:3"} {
+		if a, err := ParseAlgorithm(name); !errors.Is(err, ErrUnsupported) {
+			t.Errorf("ParseAlgorithm(%q) = %v, %v; want ErrUnsupported", name, a, err)
+		}
+	}
 }

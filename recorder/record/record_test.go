@@ -273,6 +273,12 @@ func TestTraceFile(t *testing.T) {
 	if err := tf.wait(cctx, time.Minute); !errors.Is(err, context.Canceled) {
 		t.Errorf("wait, cancelled: %v", err)
 	}
+	// The caller's own deadline is not the trace's timeout.
+	dctx, dcancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer dcancel()
+	if err := tf.wait(dctx, time.Minute); !errors.Is(err, context.DeadlineExceeded) || errors.Is(err, ErrNoTrace) {
+		t.Errorf("wait past the caller's deadline: %v, want the deadline's error and not ErrNoTrace", err)
+	}
 	if _, _, err := tf.read(); !errors.Is(err, ErrNoTrace) {
 		t.Errorf("read of an empty file: %v", err)
 	}

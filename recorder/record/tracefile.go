@@ -2,16 +2,15 @@ package record
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/obdtrace/obdtrace/recorder"
+	"github.com/obdtrace/obdtrace/snapshotter/backstore"
 	"github.com/obdtrace/obdtrace/trace"
 )
 
@@ -21,9 +20,6 @@ const traceName = "trace.pb"
 
 // pollInterval is how often the trace files are checked.
 const pollInterval = 100 * time.Millisecond
-
-// maxOKSize bounds what is read of <trace>.ok.
-const maxOKSize = 64 << 10
 
 // traceFile is one recording's files in the snapshotter's protocol
 // (upstream's): the trace path, empty until written; <path>.lock, present
@@ -69,10 +65,12 @@ func (f traceFile) stopRecording() error {
 	return nil
 }
 
-// wait waits until the trace is complete, for at most timeout.
+// wait waits until the trace is complete, for at most timeout. Only the
+// timeout running out means there is no trace; ctx ending (the caller's
+// own deadline included) is returned as ctx's error.
 func (f traceFile) wait(ctx context.Context, timeout time.Duration) error {
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
+	expired := time.NewTimer(timeout)
+	defer expired.Stop()
 	tick := time.NewTicker(pollInterval)
 	defer tick.Stop()
 	for {
@@ -81,44 +79,26 @@ func (f traceFile) wait(ctx context.Context, timeout time.Duration) error {
 		}
 		select {
 		case <-ctx.Done():
-			if context.Cause(ctx) == context.DeadlineExceeded {
-				return fmt.Errorf("%w: no %s %v after the container stopped; the snapshotter's log says why",
-					ErrNoTrace, f.ok(), timeout)
-			}
-			return ctx.Err()
+			return fmt.Errorf("record: wait for the trace: %w", context.Cause(ctx))
+		case <-expired.C:
+			return fmt.Errorf("%w: no %s %v after the container stopped; the snapshotter's log says why",
+				ErrNoTrace, f.ok(), timeout)
 		case <-tick.C:
 		}
 	}
 }
 
-// okStats is what a snapshotter may write into <trace>.ok about the
-// recording (upstream writes nothing; a field left out is unknown).
-type okStats struct {
-	// Lost is the number of block requests the capture dropped.
-	Lost *uint64 `json:"lost"`
-}
-
-// read reads the complete trace and the recording's statistics.
-func (f traceFile) read() (*trace.Trace, okStats, error) {
+// read reads the complete trace and the recording's statistics. A .ok
+// file that holds no statistics (upstream writes it empty) or unreadable
+// ones leaves them unknown: the trace is complete either way.
+func (f traceFile) read() (*trace.Trace, backstore.RecordingStats, error) {
 	t, err := recorder.ReadTraceFile(string(f), nil)
 	if err != nil {
-		return nil, okStats{}, fmt.Errorf("%w: %w", ErrNoTrace, err)
+		return nil, backstore.RecordingStats{}, fmt.Errorf("%w: %w", ErrNoTrace, err)
 	}
-	return t, readOKStats(f.ok()), nil
-}
-
-// readOKStats reads <trace>.ok as JSON statistics; anything else (an empty
-// file, as upstream writes) leaves them unknown.
-func readOKStats(path string) okStats {
-	var st okStats
-	fh, err := os.Open(path)
+	st, err := backstore.ReadRecordingStats(f.ok())
 	if err != nil {
-		return st
+		return t, backstore.RecordingStats{}, nil
 	}
-	defer fh.Close()
-	data, err := io.ReadAll(io.LimitReader(fh, maxOKSize))
-	if err != nil || json.Unmarshal(data, &st) != nil {
-		return okStats{}
-	}
-	return st
+	return t, st, nil
 }

@@ -2,7 +2,6 @@ package backstore
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"os"
 	"path/filepath"
@@ -97,8 +96,7 @@ func TestControlChannel(t *testing.T) {
 	if err != nil || len(frames) == 0 {
 		t.Fatalf("recorded trace: %d frames, %v", len(frames), err)
 	}
-	var ok okStats
-	if data, err := os.ReadFile(f + ".ok"); err != nil || json.Unmarshal(data, &ok) != nil || ok.Frames != len(frames) || ok.Bytes <= 0 {
+	if ok, err := ReadRecordingStats(f + ".ok"); err != nil || ok.Frames != len(frames) || ok.Bytes <= 0 || ok.Lost == nil {
 		t.Errorf("%s.ok: %+v (%v), want %d frames and their bytes", f, ok, err, len(frames))
 	}
 	if err := send(OpStopRecord, f, 0); !errors.Is(err, ErrNotRecording) {

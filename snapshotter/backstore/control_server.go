@@ -37,9 +37,9 @@ type controller struct {
 	recordings map[string]*recording // by trace path
 }
 
-func newController(ctx context.Context, cfg Config, img *Image, dev device.Device, rp *replays, log zerolog.Logger) *controller {
+func newController(ctx context.Context, cfg Config, img *Image, dev device.Device, rp *replays, mon *monitor, log zerolog.Logger) *controller {
 	ctx, cancel := context.WithCancel(ctx)
-	return &controller{ctx: ctx, cancel: cancel, cfg: cfg, img: img, dev: dev, rp: rp, log: log,
+	return &controller{ctx: ctx, cancel: cancel, cfg: cfg, img: img, dev: dev, rp: rp, mon: mon, log: log,
 		recordings: map[string]*recording{}}
 }
 

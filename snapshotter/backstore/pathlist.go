@@ -24,6 +24,11 @@ var ErrBadTrace = errors.New("backstore: bad trace file")
 const (
 	// maxPathListFiles bounds the files a path list expands to.
 	maxPathListFiles = 1 << 16
+	// maxDirEntries bounds the names read of one directory (about 50 MiB
+	// of names at most): all of them are read and sorted before any is
+	// taken, so that the files kept under maxPathListFiles do not depend
+	// on the order the kernel lists them in. A larger directory is skipped.
+	maxDirEntries = 1 << 20
 	// maxWalkDepth bounds the directory depth a listed directory is walked.
 	maxWalkDepth = 64
 	// maxRequestSectors splits a file extent into mapper requests.
@@ -109,7 +114,7 @@ func loadReplayTrace(ctx context.Context, cfg Config, img *Image) (*trace.Trace,
 type PathListStats struct {
 	Entries int   // paths in the list
 	Files   int   // regular files whose extents were taken
-	Skipped int   // entries missing or of the wrong type, files whose extents could not be read
+	Skipped int   // entries missing or of the wrong type, files whose extents could not be read, entries past maxPathListFiles
 	Bytes   int64 // device bytes of the files' extents
 }
 
@@ -132,10 +137,14 @@ func PathListTrace(ctx context.Context, root string, paths []string, img *Image)
 		return nil, st, fmt.Errorf("backstore: path list: open %s: %w", root, err)
 	}
 	defer unix.Close(rootFD)
-	w := &pathWalker{ctx: ctx, m: m, st: &st}
-	for _, p := range paths {
+	w := &pathWalker{ctx: ctx, m: m, st: &st, maxFiles: maxPathListFiles, maxDir: maxDirEntries, extents: fileExtents}
+	for i, p := range paths {
 		if err := ctx.Err(); err != nil {
 			return nil, st, err
+		}
+		if w.full {
+			st.Skipped += len(paths) - i
+			break
 		}
 		rel := strings.TrimPrefix(p, "/")
 		if rel == "" || rel == "/" {
@@ -154,9 +163,6 @@ func PathListTrace(ctx context.Context, root string, paths []string, img *Image)
 	if err := ctx.Err(); err != nil {
 		return nil, st, err // the walk was cut short: no trace from half a list
 	}
-	if w.full {
-		st.Skipped += len(paths) - st.Files // a rough count: the list was cut short
-	}
 	layers := img.traceLayers()
 	t, err := m.Trace(layers, trace.Meta{ImageRef: img.Remote.Ref, ManifestDigest: img.Remote.ManifestDescriptor.Digest})
 	if err != nil {
@@ -171,10 +177,14 @@ func PathListTrace(ctx context.Context, root string, paths []string, img *Image)
 
 // pathWalker feeds the extents of the files a path list names to a mapper.
 type pathWalker struct {
-	ctx  context.Context
-	m    *recorder.Mapper
-	st   *PathListStats
-	full bool // maxPathListFiles reached
+	ctx      context.Context
+	m        *recorder.Mapper
+	st       *PathListStats
+	maxFiles int  // maxPathListFiles (smaller in tests)
+	maxDir   int  // maxDirEntries (smaller in tests)
+	full     bool // maxFiles reached
+	// extents is fileExtents (a stand-in in tests).
+	extents func(ctx context.Context, fd int, size int64, fn func(phys, n int64)) error
 }
 
 // entry takes fd (which it closes): a regular file, or with dir a
@@ -197,17 +207,26 @@ func (w *pathWalker) entry(fd int, dir bool) {
 }
 
 // walk takes the regular files below the directory fd, depth first in
-// name order, without following symlinks.
+// name order, without following symlinks. Once maxPathListFiles is
+// reached, the names not visited are counted as skipped.
 func (w *pathWalker) walk(fd, depth int) {
-	if depth > maxWalkDepth || w.full || w.ctx.Err() != nil {
+	if w.full || w.ctx.Err() != nil {
 		return
 	}
-	names, err := readDirNames(fd)
+	if depth > maxWalkDepth {
+		w.st.Skipped++
+		return
+	}
+	names, err := readDirNames(fd, w.maxDir)
 	if err != nil {
 		w.st.Skipped++
 	}
-	for _, name := range names {
-		if w.full || w.ctx.Err() != nil {
+	for i, name := range names {
+		if w.ctx.Err() != nil {
+			return
+		}
+		if w.full {
+			w.st.Skipped += len(names) - i
 			return
 		}
 		child, err := unix.Openat2(fd, name, &unix.OpenHow{
@@ -230,31 +249,51 @@ func (w *pathWalker) walk(fd, depth int) {
 	}
 }
 
-// readDirNames lists a directory's entries, sorted, at most
-// maxPathListFiles of them. The fd stays open.
-func readDirNames(fd int) ([]string, error) {
+// readDirNames lists all of a directory's entries, sorted; a directory of
+// more than limit gives errDirTooLarge and no names. The fd stays open.
+func readDirNames(fd, limit int) ([]string, error) {
 	dup, err := unix.Dup(fd)
 	if err != nil {
 		return nil, err
 	}
 	f := os.NewFile(uintptr(dup), "dir")
 	defer f.Close()
-	names, err := f.Readdirnames(maxPathListFiles)
-	if errors.Is(err, io.EOF) {
-		err = nil
+	// The dup shares fd's offset: start from the first entry whatever
+	// read fd before.
+	if _, err := unix.Seek(dup, 0, io.SeekStart); err != nil {
+		return nil, err
+	}
+	var names []string
+	for {
+		chunk, err := f.Readdirnames(4096)
+		names = append(names, chunk...)
+		if len(names) > limit {
+			return nil, fmt.Errorf("%w: over %d entries", errDirTooLarge, limit)
+		}
+		if errors.Is(err, io.EOF) || (err == nil && len(chunk) == 0) {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
 	}
 	slices.Sort(names)
-	return names, err
+	return names, nil
 }
+
+// errDirTooLarge is returned for a directory a path list walk skips for its
+// size.
+var errDirTooLarge = errors.New("backstore: path list: directory too large")
 
 // file adds the extents of the regular file fd of size bytes.
 func (w *pathWalker) file(fd int, size int64) {
-	if w.st.Files >= maxPathListFiles {
+	if w.st.Files >= w.maxFiles {
 		w.full = true
+		w.st.Skipped++
 		return
 	}
 	w.st.Files++
-	err := fileExtents(w.ctx, fd, size, func(phys, n int64) {
+	err := w.extents(w.ctx, fd, size, func(phys, n int64) {
 		w.st.Bytes += n
 		first, end := phys/512, (phys+n+511)/512
 		for s := first; s < end; s += maxRequestSectors {

@@ -2,7 +2,6 @@ package backstore
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -13,7 +12,6 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/obdtrace/obdtrace/bpf"
-	"github.com/obdtrace/obdtrace/internal/atomicfile"
 	"github.com/obdtrace/obdtrace/recorder"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore/device"
 	"github.com/obdtrace/obdtrace/trace"
@@ -139,23 +137,14 @@ wait:
 	}
 	// Upstream only checks that <path>.ok exists; its content tells a
 	// caller such as obd-recorder record how complete the recording is.
-	ok, err := json.Marshal(okStats{Lost: res.Lost, Frames: len(t.Frames), Bytes: res.Stats.RecordedBytes})
-	if err != nil {
-		return err
-	}
-	if err := atomicfile.Write(r.path+".ok", ok, 0o644); err != nil {
+	lost := res.Lost
+	ok := RecordingStats{Lost: &lost, Frames: len(t.Frames), Bytes: res.Stats.RecordedBytes}
+	if err := writeRecordingStats(r.path+".ok", ok); err != nil {
 		return err
 	}
 	log.Info().Str("trace", r.path).Int("frames", len(t.Frames)).Int64("bytes", res.Stats.RecordedBytes).
 		Uint64("lost", res.Lost).Msg("trace recorded")
 	return nil
-}
-
-// okStats is the content of <path>.ok.
-type okStats struct {
-	Lost   uint64 `json:"lost"`
-	Frames int    `json:"frames"`
-	Bytes  int64  `json:"bytes"`
 }
 
 // stop ends the recording (if still running) and waits for the trace. It

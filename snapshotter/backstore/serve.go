@@ -68,7 +68,6 @@ type Config struct {
 // Serve mounts cfg.Ref at cfg.Mountpoint and serves it until ctx ends, then
 // tears everything down.
 func Serve(ctx context.Context, cfg Config) (err error) {
-	log := cfg.Logger
 	if cfg.StateRoot == "" {
 		cfg.StateRoot = DefaultStateRoot
 	}
@@ -84,22 +83,69 @@ func Serve(ctx context.Context, cfg Config) (err error) {
 	if cfg.StatsFile == "" {
 		cfg.StatsFile = filepath.Join(stateDir, "stats.json")
 	}
-	var cleanup cleanupStack
+	s := &server{cfg: cfg, log: cfg.Logger, stateDir: stateDir}
+	// Teardown runs the steps each stage pushed, last first.
 	defer func() {
-		if cerr := cleanup.run(log); cerr != nil {
-			log.Error().Err(cerr).Msg("teardown")
+		if cerr := s.cleanup.run(s.log); cerr != nil {
+			s.log.Error().Err(cerr).Msg("teardown")
 			err = errors.Join(err, cerr)
 		}
 	}()
-	cleanup.push("state dir", func() error { return os.RemoveAll(stateDir) })
+	s.cleanup.push("state dir", func() error { return os.RemoveAll(stateDir) })
+	if err := s.open(ctx); err != nil {
+		return err
+	}
+	if err := s.attach(ctx); err != nil {
+		return err
+	}
+	mounted := make(chan struct{})
+	if err := s.startTrace(ctx, mounted); err != nil {
+		return err
+	}
+	if err := s.mount(mounted); err != nil {
+		return err
+	}
+	state, err := s.publish()
+	if err != nil {
+		return err
+	}
+	// The stats file describes this mount before anyone is told it is up.
+	s.mon.write(cfg.StatsFile, s.log)
+	if cfg.Ready != nil {
+		cfg.Ready(state)
+	}
+	s.mon.run(ctx, cfg.StatsFile, cfg.StatsInterval, s.log)
+	s.log.Info().Msg("stopping")
+	return nil
+}
 
+// server is one Serve call's parts, set up stage by stage; each stage
+// pushes the teardown of what it set up onto cleanup.
+type server struct {
+	cfg      Config
+	log      zerolog.Logger
+	stateDir string
+	cleanup  cleanupStack
+
+	cache *blobcache.Cache
+	img   *Image
+	dev   device.Device
+	mon   *monitor
+	rp    *replays
+	ctl   *controller
+}
+
+// open opens the blob cache, the registry client and the image.
+func (s *server) open(ctx context.Context) error {
+	cfg := s.cfg
 	cache, err := blobcache.Open(cfg.CacheDir, blobcache.Options{
 		MaxBytes: cfg.CacheMaxBytes, RefillSize: cfg.CacheRefillSize, BlockSize: cfg.CacheBlockSize,
 	})
 	if err != nil {
 		return err
 	}
-	cleanup.push("cache", cache.Close)
+	s.cache = cache
+	s.cleanup.push("cache", cache.Close)
 	client, err := registry.New(cfg.Registry)
 	if err != nil {
 		return err
@@ -108,68 +154,95 @@ func Serve(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return err
 	}
-	cleanup.push("image", img.Close)
-	log.Info().Str("ref", cfg.Ref).Int("layers", len(img.Layers)).Int64("virtual_size", img.Size()).Msg("image opened")
+	s.img = img
+	s.cleanup.push("image", img.Close)
+	s.log.Info().Str("ref", cfg.Ref).Int("layers", len(img.Layers)).Int64("virtual_size", img.Size()).Msg("image opened")
+	return nil
+}
 
-	dev, err := device.FUSELoop{}.Attach(ctx, img, device.Options{MountDir: filepath.Join(stateDir, "fuse"), Tuning: cfg.DeviceTuning, Logger: log})
+// attach makes the image a block device.
+func (s *server) attach(ctx context.Context) error {
+	dev, err := device.FUSELoop{}.Attach(ctx, s.img, device.Options{
+		MountDir: filepath.Join(s.stateDir, "fuse"), Tuning: s.cfg.DeviceTuning, Logger: s.log,
+	})
 	if err != nil {
 		return err
 	}
-	cleanup.push("device", dev.Close)
+	s.dev = dev
+	s.cleanup.push("device", dev.Close)
+	return nil
+}
+
+// startTrace sets up the monitor, the replays and the controller, and
+// starts recording into or replaying the configured trace. Both start
+// before ext4 is mounted; a path list's replay waits for mounted to close.
+func (s *server) startTrace(ctx context.Context, mounted chan struct{}) error {
+	cfg, log := s.cfg, s.log
 	mode, err := TraceModeOf(cfg.TraceFile)
 	if err != nil {
 		log.Warn().Err(err).Str("trace", cfg.TraceFile).Msg("trace path unusable; neither recording nor replaying it")
 	}
+	s.mon = newMonitor(cfg.Ref, cfg.Mountpoint, s.img, s.cache)
 	// Replays end before the filesystem is unmounted (see replays); this
 	// step ends one started for a mount that then failed.
-	rp := newReplays(ctx)
-	cleanup.push("replays", rp.stop)
+	s.rp = newReplays(ctx)
+	s.cleanup.push("replays", s.rp.stop)
 	// The controller outlives the mount: a recording's trace is written
 	// once the filesystem is unmounted.
-	ctl := newController(ctx, cfg, img, dev, rp, log)
-	cleanup.push("controller", ctl.close)
+	s.ctl = newController(ctx, cfg, s.img, s.dev, s.rp, s.mon, log)
+	s.cleanup.push("controller", s.ctl.close)
 	if mode == TraceRecord {
 		// Started before ext4 is mounted, so the mount's own reads are in
 		// the trace, as upstream records them.
-		if err := ctl.startRecording(cfg.TraceFile, cfg.RecordDuration); err != nil {
+		if err := s.ctl.startRecording(cfg.TraceFile, cfg.RecordDuration); err != nil {
 			log.Error().Err(err).Str("trace", cfg.TraceFile).Msg("recording not started; serving without it")
 		}
+		return nil
 	}
-	mon := newMonitor(cfg.Ref, mountpoint, img, cache)
+	if cfg.NoReplay {
+		return nil
+	}
 	// Replay starts before ext4 is mounted, as upstream's does, so the
 	// mount's own reads (superblock, group descriptors, root directory)
 	// already find the trace's first blocks coming; a path list waits for
 	// the mount inside, since it is resolved through the filesystem.
-	mounted := make(chan struct{})
-	if !cfg.NoReplay && mode != TraceRecord {
-		rcfg := cfg
-		rcfg.mounted = mounted
-		if mode != TraceReplay {
-			rcfg.TraceFile = "" // absent: the image's own trace layer, if any
-		}
-		if err := rp.start(rcfg, img, mon, log); err != nil {
-			return err
-		}
+	rcfg := cfg
+	rcfg.mounted = mounted
+	if mode != TraceReplay {
+		rcfg.TraceFile = "" // absent: the image's own trace layer, if any
 	}
-	if err := unix.Mount(dev.Path(), mountpoint, "ext4", unix.MS_RDONLY, "noload"); err != nil {
-		return fmt.Errorf("backstore: mount %s on %s: %w", dev.Path(), mountpoint, err)
+	return s.rp.start(rcfg, s.img, s.mon, log)
+}
+
+// mount mounts the device's ext4 read-only at the mountpoint and closes
+// mounted. Replays are stopped again before the unmount: the second
+// "replays" step runs first at teardown.
+func (s *server) mount(mounted chan struct{}) error {
+	mountpoint := s.cfg.Mountpoint
+	if err := unix.Mount(s.dev.Path(), mountpoint, "ext4", unix.MS_RDONLY, "noload"); err != nil {
+		return fmt.Errorf("backstore: mount %s on %s: %w", s.dev.Path(), mountpoint, err)
 	}
 	close(mounted)
-	cleanup.push("ext4 mount", func() error { return unmountIfMounted(mountpoint) })
-	cleanup.push("replays", rp.stop)
+	s.cleanup.push("ext4 mount", func() error { return unmountIfMounted(mountpoint) })
+	s.cleanup.push("replays", s.rp.stop)
+	return nil
+}
 
+// publish serves the metrics and the control channel, and writes the
+// state record that tells others the mount is up.
+func (s *server) publish() (State, error) {
+	cfg, log := s.cfg, s.log
 	if cfg.MetricsAddr != "" {
-		addr, stop, err := serveMetrics(cfg.MetricsAddr, mon, cache, log)
+		addr, stop, err := serveMetrics(cfg.MetricsAddr, s.mon, s.cache, log)
 		if err != nil {
-			return err
+			return State{}, err
 		}
-		cleanup.push("metrics", stop)
-		mon.metricsAddr = addr
+		s.cleanup.push("metrics", stop)
+		s.mon.metricsAddr = addr
 	}
-	ctl.mon = mon
-	control, err := controlSocketPath(stateDir)
+	control, err := controlSocketPath(s.stateDir)
 	if err == nil {
-		err = ctl.listen(control)
+		err = s.ctl.listen(control)
 	}
 	if err != nil {
 		// Only later record/replay requests need it: serve without.
@@ -177,26 +250,15 @@ func Serve(ctx context.Context, cfg Config) (err error) {
 		control = ""
 	}
 	state := State{
-		Ref: cfg.Ref, Mountpoint: mountpoint, PID: os.Getpid(), PIDStart: processStart(os.Getpid()),
-		Device: dev.Path(), FUSEDir: filepath.Join(stateDir, "fuse"), StatsFile: cfg.StatsFile, Started: time.Now(),
-		Control: control,
+		Ref: cfg.Ref, Mountpoint: cfg.Mountpoint, PID: os.Getpid(), PIDStart: processStart(os.Getpid()),
+		Device: s.dev.Path(), FUSEDir: filepath.Join(s.stateDir, "fuse"), StatsFile: cfg.StatsFile, Started: time.Now(),
+		Control: control, Metrics: s.mon.metricsAddr,
 	}
-	if mon.metricsAddr != "" {
-		state.Metrics = mon.metricsAddr
+	if err := writeState(s.stateDir, state); err != nil {
+		return State{}, err
 	}
-	if err := writeState(stateDir, state); err != nil {
-		return err
-	}
-	log.Info().Str("device", dev.Path()).Str("mountpoint", mountpoint).Msg("mounted")
-
-	// The stats file describes this mount before anyone is told it is up.
-	mon.write(cfg.StatsFile, log)
-	if cfg.Ready != nil {
-		cfg.Ready(state)
-	}
-	mon.run(ctx, cfg.StatsFile, cfg.StatsInterval, log)
-	log.Info().Msg("stopping")
-	return nil
+	log.Info().Str("device", s.dev.Path()).Str("mountpoint", cfg.Mountpoint).Msg("mounted")
+	return state, nil
 }
 
 // prepareStateDir makes the mount's state directory, refusing a mountpoint
