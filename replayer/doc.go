@@ -8,5 +8,7 @@
 //
 // The replayer never reads the device. It only asks the cache to make
 // ranges local; demand reads stay ahead of it because the cache caps
-// prefetch fills below the registry's connection limit and never caps demand.
+// prefetch fills below the registry's connection limit, never caps demand,
+// starts no prefetch fetch while a demand fetch is in flight, and fetches
+// only the blocks a range covers.
 package replayer

@@ -7,7 +7,7 @@
 # full prefetch before start, warm cache), ROUNDS rounds interleaved.
 # Writes a table and a PNG chart per image into OUT (default docs/).
 #
-# Usage: scripts/bench-coldstart.sh [--rounds N] [--out DIR] [--only python|hello]
+# Usage: scripts/bench-coldstart.sh [--rounds N] [--out DIR] [--only hello-world|python3-numpy|python3-numpy-zstd]
 #        scripts/bench-coldstart.sh --build-image   # only build and cache the image
 # Needs root (loop devices, FUSE, mount, eBPF, chroot, debootstrap).
 set -euo pipefail
@@ -73,26 +73,35 @@ oci_layout() {
 tar=$(rootfs_tar)
 echo "bench-coldstart: rootfs tar $tar ($(stat -c %s "$tar") bytes)" >&2
 
-# The image, converted once per rootfs (obdctl convert caches by chain id,
-# and the same input gives the same digests). The converter writes ZFile
-# with LZ4 in 4 KiB blocks, upstream's format and its only option today.
+# The image, converted once per rootfs and setting (obdctl convert caches
+# layers by chain id and setting, and the same input gives the same
+# digests): upstream's format, ZFile LZ4 in 4 KiB blocks, and zstd in
+# 64 KiB blocks.
 src=$cache/python3-numpy-oci
 dst=$cache/python3-numpy-obd
+dst_zstd=$cache/python3-numpy-zstd-obd
 oci_layout "$src" "$tar"
-[ -x "$root/bin/obdctl" ] || make -C "$root" -s build
-if [ ! -f "$dst/index.json" ]; then
-  "$root/bin/obdctl" convert --mkfs --log-format console "oci:$src:latest" "oci:$dst:obd" >&2
+obdctl=$root/bin/obdctl
+if ! { [ -x "$obdctl" ] && "$obdctl" convert --help 2>/dev/null | grep -q -- --compression; }; then
+  (cd "$root" && go build -o bin/obdctl ./cmd/obdctl)
 fi
-echo "bench-coldstart: converted image in $dst; layer blobs:" >&2
-for f in "$dst"/blobs/sha256/*; do [ "$(stat -c %s "$f")" -gt 1048576 ] && ls -l "$f" >&2; done
+if [ ! -f "$dst/index.json" ]; then
+  "$obdctl" convert --mkfs --log-format console "oci:$src:latest" "oci:$dst:obd" >&2
+fi
+if [ ! -f "$dst_zstd/index.json" ]; then
+  "$obdctl" convert --mkfs --compression zstd --block-size 64 --log-format console "oci:$src:latest" "oci:$dst_zstd:obd" >&2
+fi
+echo "bench-coldstart: converted images in $dst and $dst_zstd; layer blobs:" >&2
+for f in "$dst"/blobs/sha256/* "$dst_zstd"/blobs/sha256/*; do [ "$(stat -c %s "$f")" -gt 1048576 ] && ls -l "$f" >&2; done
 [ -n "$build_only" ] && exit 0
 
 # The benchmark: both images, the four variants interleaved per round. The
 # tables land in $out/coldstart-*.md (for docs/benchmarks.md) and the charts
 # in $out/coldstart-*.png.
 bench=ColdStart
-[ -n "$only" ] && bench="$bench/$only"
+[ -n "$only" ] && bench="$bench/^$only\$"
 cd "$root"
-OBDTRACE_COLDSTART=1 OBDTRACE_COLDSTART_IMAGE=$dst OBDTRACE_COLDSTART_ROUNDS=$rounds OBDTRACE_COLDSTART_OUT=$out \
+OBDTRACE_COLDSTART=1 OBDTRACE_COLDSTART_IMAGE=$dst OBDTRACE_COLDSTART_ZSTD_IMAGE=$dst_zstd \
+  OBDTRACE_COLDSTART_ROUNDS=$rounds OBDTRACE_COLDSTART_OUT=$out \
   go test -run '^$' -bench "^Benchmark${bench}" -benchtime 1x -timeout 90m ./internal/coldstart
 for f in "$out"/coldstart-*.md; do echo; cat "$f"; done

@@ -21,12 +21,15 @@ const maxMetricsBody = 8 << 20
 
 // CacheFigures are the blob cache's counters at a workload's exit.
 type CacheFigures struct {
-	DemandFetches  int64         // fetches a read led and waited for
-	DemandP50      time.Duration // their latency quantiles, from the histogram
-	DemandP99      time.Duration
-	PrefetchHits   int64 // blocks a read found cached thanks to prefetch
-	PrefetchLate   int64 // blocks a read waited for while their prefetch was in flight
-	PrefetchedByte int64
+	DemandFetches   int64         // fetches a read led and waited for
+	DemandP50       time.Duration // their latency quantiles, from the histogram
+	DemandP99       time.Duration
+	PrefetchHits    int64 // blocks a read found cached thanks to prefetch
+	PrefetchLate    int64 // blocks a read waited for while their prefetch was in flight
+	PrefetchedByte  int64
+	PrefetchUnused  int64 // prefetched bytes no read took
+	ReadaheadBytes  int64 // fetched ahead of sequential readers by the cache
+	ReadaheadUnused int64
 }
 
 // Bucket is one cumulative histogram bucket: Count observations ≤ LE.
@@ -80,6 +83,12 @@ func ParseMetrics(r io.Reader) (CacheFigures, error) {
 			f.PrefetchLate = int64(value)
 		case "obd_blobcache_prefetched_bytes_total":
 			f.PrefetchedByte = int64(value)
+		case "obd_blobcache_prefetch_unused_bytes":
+			f.PrefetchUnused = int64(value)
+		case "obd_blobcache_readahead_bytes_total":
+			f.ReadaheadBytes = int64(value)
+		case "obd_blobcache_readahead_unused_bytes":
+			f.ReadaheadUnused = int64(value)
 		}
 	}
 	if err := sc.Err(); err != nil {

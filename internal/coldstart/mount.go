@@ -15,6 +15,7 @@ import (
 	"github.com/obdtrace/obdtrace/replayer"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore/blobcache"
+	"github.com/obdtrace/obdtrace/snapshotter/backstore/device"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore/registry"
 )
 
@@ -95,6 +96,11 @@ func (r *runner) mount(ctx context.Context, cacheDir string, o mountOptions) (*m
 		MetricsAddr: "127.0.0.1:0", StatsFile: filepath.Join(cacheDir, "stats.json"), StatsInterval: statsInterval,
 		TraceFile: o.trace, NoReplay: o.noReplay, Replay: o.replay, Logger: r.cfg.Logger,
 		Ready: func(s backstore.State) { ready <- s },
+	}
+	if r.cfg.DeviceReadAhead > 0 {
+		t := device.DefaultTuning()
+		t.ReadAhead = r.cfg.DeviceReadAhead
+		cfg.DeviceTuning = &t
 	}
 	go func() { m.done <- backstore.Serve(sctx, cfg) }()
 	select {

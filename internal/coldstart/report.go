@@ -18,6 +18,9 @@ type Summary struct {
 	Requests  int64
 	DemandP99 time.Duration // median over the samples' p99s
 	Demand    int64         // demand fetches, median
+	// Ahead is what prefetch and the cache's readahead fetched, and
+	// AheadUnused what of it no read took (medians).
+	Ahead, AheadUnused int64
 }
 
 // Summarize takes the median of each variant's samples.
@@ -25,7 +28,7 @@ func (r *Result) Summarize() [numVariants]Summary {
 	var out [numVariants]Summary
 	for _, v := range Variants {
 		var starts, p99s []time.Duration
-		var bytes, reqs, demand []int64
+		var bytes, reqs, demand, ahead, unused []int64
 		for _, s := range r.Samples {
 			if s.Variant != v {
 				continue
@@ -35,12 +38,15 @@ func (r *Result) Summarize() [numVariants]Summary {
 			bytes = append(bytes, s.LinkBytes)
 			reqs = append(reqs, s.Requests)
 			demand = append(demand, s.Cache.DemandFetches)
+			ahead = append(ahead, s.Cache.PrefetchedByte+s.Cache.ReadaheadBytes)
+			unused = append(unused, s.Cache.PrefetchUnused+s.Cache.ReadaheadUnused)
 		}
 		sum := Summary{Variant: v, N: len(starts)}
 		if len(starts) > 0 {
 			sum.Start, sum.DemandP99 = median(starts), median(p99s)
 			sum.Min, sum.Max = slices.Min(starts), slices.Max(starts)
 			sum.LinkBytes, sum.Requests, sum.Demand = median(bytes), median(reqs), median(demand)
+			sum.Ahead, sum.AheadUnused = median(ahead), median(unused)
 		}
 		out[v] = sum
 	}
@@ -97,16 +103,16 @@ func (c Checks) Pass() bool {
 func (r *Result) WriteMarkdown(w io.Writer, title string) error {
 	s := r.Summarize()
 	var b strings.Builder
-	fmt.Fprintf(&b, "| %s | start (median) | range | vs no prefetch | over the link | requests | demand fetches | demand p99 |\n", title)
-	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|\n")
+	fmt.Fprintf(&b, "| %s | start (median) | range | vs no prefetch | over the link | fetched ahead (unused) | requests | demand fetches | demand p99 |\n", title)
+	b.WriteString("|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, v := range Variants {
 		x := s[v]
 		speed := "1.00×"
 		if v != NoPrefetch && x.Start > 0 {
 			speed = fmt.Sprintf("%.2f×", float64(s[NoPrefetch].Start)/float64(x.Start))
 		}
-		fmt.Fprintf(&b, "| %s | %s | %s–%s | %s | %s | %d | %d | %s |\n", v, secs(x.Start), secs(x.Min), secs(x.Max),
-			speed, mb(x.LinkBytes), x.Requests, x.Demand, ms(x.DemandP99))
+		fmt.Fprintf(&b, "| %s | %s | %s–%s | %s | %s | %s (%s) | %d | %d | %s |\n", v, secs(x.Start), secs(x.Min), secs(x.Max),
+			speed, mb(x.LinkBytes), mb(x.Ahead), mb(x.AheadUnused), x.Requests, x.Demand, ms(x.DemandP99))
 	}
 	c := r.Check()
 	fmt.Fprintf(&b, "\nTrace: %d frames, %d ranges, %s of blob. Link bound %s (%s at %s + one RTT).\n",

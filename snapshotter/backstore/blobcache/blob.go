@@ -70,8 +70,14 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 		s.stats.served.Add(int64(n))
 	}()
 	// A miss fetches, in one request, the windows from its own up to the
-	// one holding the read's last byte (minus those cached or in flight).
-	wEnd := s.window((end-1)/s.bs) + 1
+	// one holding the read's last byte (minus those cached or in flight);
+	// while a replay is under way, only the read's own blocks: the trace
+	// brings what the start-up reads next, and the rest of a window would
+	// be bytes on the link ahead of it.
+	want := fillRange{lo: 0, hi: s.nblocks, w1: s.window((end-1)/s.bs) + 1}
+	if b.c.prefetching.Load() > 0 {
+		want.lo, want.hi = off/s.bs, (end-1)/s.bs+1
+	}
 	sequential := b.c.readaheadOn() && !s.complete.Load()
 	if sequential {
 		b.checkMarks(off/s.bs, (end-1)/s.bs, off, end)
@@ -84,7 +90,7 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 			sequential = false // once per read
 			b.onMiss(off, end)
 		}
-		if err := b.readBlock(ctx, i, p[pos-off:pos-off+take], pos-bstart, wEnd); err != nil {
+		if err := b.readBlock(ctx, i, p[pos-off:pos-off+take], pos-bstart, want); err != nil {
 			return n, err
 		}
 		pos += take
@@ -97,9 +103,9 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 }
 
 // readBlock copies block i's bytes [inoff, inoff+len(dst)) into dst, fetching
-// the block's window (and those after it, up to wEnd) first if it is
+// the blocks of want around it first if it is
 // missing or fails its CRC.
-func (b *Blob) readBlock(ctx context.Context, i int64, dst []byte, inoff, wEnd int64) error {
+func (b *Blob) readBlock(ctx context.Context, i int64, dst []byte, inoff int64, want fillRange) error {
 	s := b.s
 	counted, pinned, hit := false, false, false
 	for attempt, evicted := 0, 0; ; {
@@ -121,7 +127,7 @@ func (b *Blob) readBlock(ctx context.Context, i int64, dst []byte, inoff, wEnd i
 				s.pin(s.window(i))
 				defer s.unpin(s.window(i))
 			}
-			if _, err := b.fill(ctx, s.window(i), wEnd, fillDemand); err != nil {
+			if _, err := b.fill(ctx, i, want, fillDemand); err != nil {
 				// A coalesced fill led by a reader that gave up fails with
 				// that reader's cancellation; ours may still be live.
 				if ctx.Err() == nil && isContextErr(err) {
@@ -227,53 +233,4 @@ func (s *blobState) readPages(p0 int64, buf []byte) (bool, error) {
 		}
 	}
 	return true, nil
-}
-
-// Prefetch fills the blocks covering [off, off+n) that are not cached yet,
-// window by window, and returns when they are on disk. At most
-// Options.PrefetchConcurrency prefetch fills run at once across the cache;
-// demand reads never wait for that cap. Callers order and parallelise their
-// own prefetch queues (the replayer runs several Prefetch calls at once), and
-// should not prefetch more than MaxBytes ahead: prefetched windows are not
-// protected from eviction until read.
-func (b *Blob) Prefetch(ctx context.Context, off, n int64) error {
-	s := b.s
-	if off < 0 || n < 0 {
-		return fmt.Errorf("%w: %s: prefetch range [%d, +%d)", ErrInvalidBlob, s.dgst, off, n)
-	}
-	end := s.size
-	if n < s.size-off {
-		end = off + n
-	}
-	if off >= end || s.complete.Load() {
-		return nil
-	}
-	for w := s.window(off / s.bs); w <= s.window((end-1)/s.bs); w++ {
-		if !s.windowMissing(w) {
-			continue
-		}
-		select {
-		case b.c.prefetch <- struct{}{}:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
-		// One window per fill: the replayer orders and parallelises its
-		// own queue, and a window is its unit of accounting.
-		_, err := b.fill(ctx, w, w+1, fillPrefetch)
-		<-b.c.prefetch
-		if err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (s *blobState) windowMissing(w int64) bool {
-	first, end := s.windowBlocks(w)
-	for i := first; i < end; i++ {
-		if !s.has(i) {
-			return true
-		}
-	}
-	return false
 }

@@ -285,8 +285,10 @@ func TestDigestMismatchDetected(t *testing.T) {
 	if err := c.Close(); err != nil { // waits for the background digest check
 		t.Fatal(err)
 	}
-	// The read still in progress may re-cache its last block after the drop.
-	if st := c.Stats(); st.DigestMismatches != 1 || st.UsedBytes >= int64(len(m.data)) {
+	// The read still in progress may re-cache its last block after the
+	// drop, or, when the drop lands before it read its first block, fetch
+	// the whole blob again and have it dropped again.
+	if st := c.Stats(); st.DigestMismatches < 1 || st.UsedBytes >= int64(len(m.data)) {
 		t.Fatalf("after a bad blob: %+v", st)
 	}
 	c = openCache(t, dir, Options{})
@@ -319,8 +321,15 @@ func TestPrefetch(t *testing.T) {
 	if err := b.Prefetch(context.Background(), 100*kib, 1*mib); err != nil {
 		t.Fatal(err)
 	}
-	if got := m.fetched(); len(got) != 5 { // windows 0..4 cover [100K, 1124K)
-		t.Errorf("prefetch fetched %v", got)
+	// Blocks 1..17 cover [100K, 1124K): one request per window they
+	// touch (windows 0..4), each for the covering blocks only.
+	got := m.fetched()
+	var n int64
+	for _, r := range got {
+		n += r[1] - r[0]
+	}
+	if len(got) != 5 || got[0][0] != 64*kib || n != 17*64*kib {
+		t.Errorf("prefetch fetched %v (%d bytes)", got, n)
 	}
 	m.reset()
 	if _, err := b.ReadAt(make([]byte, 1*mib), 100*kib); err != nil || m.calls.Load() != 0 {
@@ -329,10 +338,10 @@ func TestPrefetch(t *testing.T) {
 	if err := b.Prefetch(context.Background(), -1, 5); !errors.Is(err, ErrInvalidBlob) {
 		t.Errorf("bad range: %v", err)
 	}
-	// Windows 0..4 (1280 KiB) were prefetched; the read used 17 blocks of
-	// 64 KiB ([64K, 1152K)); the rest is unused prefetch.
+	// Only the 17 blocks of 64 KiB ([64K, 1152K)) were prefetched, and the
+	// read used all of them: nothing is unused.
 	st := c.Stats()
-	if st.PrefetchedBytes != 1280*kib || st.PrefetchHits != 17 || st.PrefetchUnusedBytes != (1280-17*64)*kib {
+	if st.PrefetchedBytes != 17*64*kib || st.PrefetchHits != 17 || st.PrefetchUnusedBytes != 0 {
 		t.Errorf("prefetch stats: prefetched %d, hits %d, unused %d", st.PrefetchedBytes, st.PrefetchHits, st.PrefetchUnusedBytes)
 	}
 	// A second read of the same blocks is an ordinary hit.

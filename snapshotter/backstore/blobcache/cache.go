@@ -4,7 +4,12 @@
 // (default 256 KiB) around the missing blocks (default 64 KiB): one GET
 // covers the windows a read misses, and sequential readers get readahead
 // in spans that double up to 16 MiB (readahead.go), because a registry's
-// per-request latency, not its bandwidth, bounds small fetches.
+// per-request latency, not its bandwidth, bounds small fetches. Prefetch
+// (a trace replay) fetches only the blocks it is asked for; while it runs,
+// a miss fetches only the blocks of its read and readahead pauses, since
+// the trace brings what start-up reads next. On a slow source (the rate
+// single fetches achieve) readahead spans and prefetch in flight shrink to
+// about 250 ms of data, so a miss never queues long behind either.
 //
 // Layout: one sparse data file and one meta file per blob, keyed by digest
 // (<dir>/<algorithm>/<hex>.data and .meta). The meta file is the persisted
@@ -16,10 +21,12 @@
 // the background and, if it matches the digest, flagged complete; if not,
 // all of it is dropped.
 //
-// Concurrency: hits take no lock; misses on a refill window being fetched
-// wait for that fetch. Prefetch fills are capped
-// (Options.PrefetchConcurrency) and demand fills are not, so demand reads
-// never queue behind prefetch.
+// Concurrency: hits take no lock; misses on a block being fetched wait for
+// that fetch. Prefetch fills are capped (Options.PrefetchConcurrency),
+// fetch only the blocks asked for, and do not start while a demand fill is
+// in flight; demand fills are never capped, so demand reads never queue
+// behind prefetch (they share the link only with prefetch already under
+// way).
 //
 // Eviction: when MaxBytes is set, cached data is kept under it by a CLOCK
 // (second-chance) sweep over the refill windows of all blobs, an
@@ -97,13 +104,16 @@ type Options struct {
 	MaxBytes int64
 	// PrefetchConcurrency caps fills started by Prefetch. Keep it below the
 	// fetcher's per-host connection cap (registry: 16) so that demand reads,
-	// which are never capped here, always find a free connection.
+	// which are never capped here, always find a free connection. On a
+	// slow source the cache runs fewer (about 250 ms of data in flight, at
+	// least 2), and none while a demand fill is in flight.
 	PrefetchConcurrency int
 	// Readahead is the largest span fetched ahead of a sequential reader
 	// (and the largest single fetch): a multiple of RefillSize up to
 	// 64 MiB; it starts at four times the reader's request and doubles.
 	// Negative turns readahead off, and every fetch is then one window.
-	// With MaxBytes set it is also held to MaxBytes/8.
+	// With MaxBytes set it is also held to MaxBytes/8, and on a slow
+	// source to about 250 ms of data; it pauses while Prefetch runs.
 	Readahead int64
 }
 
@@ -147,9 +157,13 @@ type Cache struct {
 	order  []*blobState // creation order; the eviction hand walks it
 	closed atomic.Bool
 
-	used       atomic.Int64 // bytes of cached blocks, all blobs
-	prefetch   chan struct{}
-	background sync.WaitGroup // digest checks, mark flushers, readahead
+	used atomic.Int64 // bytes of cached blocks, all blobs
+	gate prefetchGate // admits prefetch fetches
+	// prefetching counts Prefetch calls under way; readahead pauses
+	// while there are any.
+	prefetching atomic.Int64
+	rate        rateEstimate   // of single fetches; bounds the readahead
+	background  sync.WaitGroup // digest checks, mark flushers, readahead
 	// bgCtx bounds readahead fetches; Close cancels it.
 	bgCtx     context.Context
 	bgStop    context.CancelFunc
@@ -185,12 +199,12 @@ func Open(dir string, opts Options) (*Cache, error) {
 		return nil, fmt.Errorf("%w: %s: %w", ErrLocked, dir, err)
 	}
 	c := &Cache{
-		dir:      dir,
-		opts:     opts,
-		lock:     lock,
-		blobs:    make(map[digest.Digest]*blobState),
-		prefetch: make(chan struct{}, opts.PrefetchConcurrency),
-		metrics:  newMetrics(),
+		dir:     dir,
+		opts:    opts,
+		lock:    lock,
+		blobs:   make(map[digest.Digest]*blobState),
+		gate:    newPrefetchGate(),
+		metrics: newMetrics(),
 	}
 	c.bgCtx, c.bgStop = context.WithCancel(context.Background())
 	c.spanPools = make([]sync.Pool, bits.Len64(uint64(c.maxSpan()/opts.RefillSize-1))+1)

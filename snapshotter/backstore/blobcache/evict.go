@@ -50,10 +50,15 @@ func (c *Cache) evict() {
 func (s *blobState) evictWindow(w int64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.inflight[w] != nil || s.pins[w] > 0 || s.verifying {
+	first, end := s.windowBlocks(w)
+	if s.pins[w] > 0 || s.verifying {
 		return
 	}
-	first, end := s.windowBlocks(w)
+	for i := first; i < end; i++ {
+		if s.inflight[i] != nil {
+			return
+		}
+	}
 	n, err := s.dropBlocks(first, end)
 	s.c.stats.evicted.Add(n)
 	if err != nil {

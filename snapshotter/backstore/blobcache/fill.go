@@ -25,8 +25,8 @@ const (
 	fillReadahead
 )
 
-// span is a run of windows [w, wEnd) claimed for one fetch of their
-// missing blocks (missing[k] is block first+k).
+// span is a run of windows [w, wEnd) with blocks claimed for one fetch
+// (claimed[k] is block first+k).
 type span struct {
 	w, wEnd int64
 	first   int64
@@ -34,55 +34,83 @@ type span struct {
 	call    *fillCall
 }
 
-// claim registers a fetch of the windows from w that are missing and not
-// in flight, up to w1 and the largest fetch. If window w is in flight it
-// returns that fetch to wait for instead; if w is cached, neither.
-func (s *blobState) claim(w, w1 int64) (sp *span, wait *fillCall) {
+// claim registers a fetch of the blocks in [lo, hi) of the windows from
+// need's that are missing and not in flight, up to window w1 and the
+// largest fetch; it stops at a later window with a block in flight or none
+// missing. If block need is in flight it returns that fetch to wait for
+// instead; if the first window has nothing to fetch, neither. In-flight
+// state is per block, so a prefetch of a window's first block does not make
+// a demand read of its last one wait.
+func (s *blobState) claim(need, lo, hi, w1 int64) (sp *span, wait *fillCall) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if call := s.inflight[w]; call != nil {
+	if call := s.inflight[need]; call != nil {
 		return nil, call
 	}
+	w := s.window(need)
+	first, _ := s.windowBlocks(w)
+	first = max(first, lo)
+	var missing []bool
 	wEnd := w
 	for maxWin := s.c.maxSpan() / s.c.opts.RefillSize; wEnd < min(w1, w+maxWin); wEnd++ {
-		if s.inflight[wEnd] != nil || !s.windowMissing(wEnd) {
+		a, z := s.windowBlocks(wEnd)
+		a, z = max(a, lo), min(z, hi)
+		want, busy := false, false
+		for i := a; i < z; i++ {
+			if s.inflight[i] != nil {
+				busy = true
+			} else if !s.has(i) {
+				want = true
+			}
+		}
+		if !want || (busy && wEnd > w) {
 			break
+		}
+		for i := first + int64(len(missing)); i < z; i++ {
+			missing = append(missing, !s.has(i) && s.inflight[i] == nil)
 		}
 	}
 	if wEnd == w {
 		return nil, nil
 	}
-	first, _ := s.windowBlocks(w)
-	_, end := s.windowBlocks(wEnd - 1)
-	sp = &span{w: w, wEnd: wEnd, first: first, missing: make([]bool, end-first), call: &fillCall{done: make(chan struct{})}}
-	for i := first; i < end; i++ {
-		sp.missing[i-first] = !s.has(i)
-	}
-	for k := w; k < wEnd; k++ {
-		s.inflight[k] = sp.call
+	sp = &span{w: w, wEnd: wEnd, first: first, missing: missing, call: &fillCall{done: make(chan struct{})}}
+	for k, m := range missing {
+		if m {
+			s.inflight[first+int64(k)] = sp.call
+		}
 	}
 	return sp, nil
 }
 
-// fill fetches, with one request, the missing blocks of windows [w, w1) —
-// stopping early at a window that is already cached or being fetched, or
-// at the largest fetch — or waits for the fetch in flight for window w. It
-// returns the window after the last one it dealt with. Readahead does not
-// wait for a window in flight: whoever fetches it will finish it.
-func (b *Blob) fill(ctx context.Context, w, w1 int64, kind fillKind) (int64, error) {
-	sp, call := b.s.claim(w, w1)
+// fillRange is what a fill may fetch: the blocks in [lo, hi) of the
+// windows before w1.
+type fillRange struct{ lo, hi, w1 int64 }
+
+// fill fetches, with one request, the missing blocks of want from need's
+// window on — stopping early at a window that is cached or being fetched,
+// or at the largest fetch — or waits for the fetch in flight for block
+// need. It returns the window after the last one it dealt with. Readahead
+// does not wait for a fetch in flight: whoever started it will finish it.
+func (b *Blob) fill(ctx context.Context, need int64, want fillRange, kind fillKind) (int64, error) {
+	w := b.s.window(need)
+	sp, call := b.s.claim(need, want.lo, want.hi, want.w1)
 	switch {
 	case sp != nil:
 		return sp.wEnd, b.run(ctx, sp, kind)
 	case call == nil || kind == fillReadahead:
 		return w + 1, nil
 	}
+	return w + 1, b.await(ctx, call)
+}
+
+// await waits for a fetch another reader started.
+func (b *Blob) await(ctx context.Context, call *fillCall) error {
 	b.c.stats.coalesced.Add(1)
 	select {
 	case <-call.done:
-		return w + 1, call.err
+		return call.err
 	case <-ctx.Done():
-		return w + 1, ctx.Err()
+		return ctx.Err()
 	}
 }
 
@@ -92,8 +120,12 @@ func (b *Blob) fill(ctx context.Context, w, w1 int64, kind fillKind) (int64, err
 func (b *Blob) run(ctx context.Context, sp *span, kind fillKind) error {
 	s := b.s
 	start := time.Now()
+	if kind == fillDemand {
+		b.c.gate.demandStart()
+	}
 	err := b.fetchSpan(ctx, sp.first, sp.missing)
 	if kind == fillDemand {
+		b.c.gate.demandEnd()
 		b.c.observeDemandFetch(time.Since(start))
 	}
 	if err == nil {
@@ -125,8 +157,10 @@ func (b *Blob) run(ctx context.Context, sp *span, kind fillKind) error {
 // release unregisters a span's fetch and wakes its waiters with err.
 func (s *blobState) release(sp *span, err error) {
 	s.mu.Lock()
-	for k := sp.w; k < sp.wEnd; k++ {
-		delete(s.inflight, k)
+	for k, m := range sp.missing {
+		if m {
+			delete(s.inflight, sp.first+int64(k))
+		}
 	}
 	s.mu.Unlock()
 	sp.call.err = err
@@ -150,9 +184,11 @@ func (b *Blob) fetchSpan(ctx context.Context, first int64, missing []bool) error
 	bufp := b.c.getSpan(end - off)
 	defer b.c.putSpan(bufp)
 	buf := (*bufp)[:end-off]
+	start := time.Now()
 	if err := b.f.FetchRange(ctx, s.dgst, off, buf); err != nil {
 		return fmt.Errorf("%w: %s [%d, %d): %w", ErrFetch, s.dgst, off, end, err)
 	}
+	b.c.rate.observe(int64(len(buf)), time.Since(start))
 	b.c.stats.fetches.Add(1)
 	b.c.stats.fetched.Add(int64(len(buf)))
 	s.stats.fetched.Add(int64(len(buf)))

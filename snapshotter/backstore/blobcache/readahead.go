@@ -3,6 +3,7 @@ package blobcache
 import (
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // Sequential readahead.
@@ -118,9 +119,10 @@ func (b *Blob) onMiss(off, end int64) {
 	cur.seq++
 	cur.next = max(cur.next, end)
 	cur.hi = max(cur.hi, s.windowEnd(end))
-	if cur.seq < seqToReadahead || cur.hi > s.windowEnd(end) {
+	if cur.seq < seqToReadahead || cur.hi > s.windowEnd(end) || b.c.prefetching.Load() > 0 {
 		// Not established yet, or its readahead is still ahead of this
-		// request: the mark there starts the next span.
+		// request (the mark there starts the next span), or a trace
+		// replay is fetching what the reader will need.
 		return
 	}
 	cur.ra = grow(cur.ra, end-off, win, b.c.maxReadahead())
@@ -135,6 +137,9 @@ func (b *Blob) onMark(k int, m, off, end int64) {
 	defer st.mu.Unlock()
 	if !st.marks[k].CompareAndSwap(m, -1) {
 		return // another request got there first
+	}
+	if b.c.prefetching.Load() > 0 {
+		return // a replay is under way; the next miss restarts the stream
 	}
 	st.clock++
 	cur := &st.s[k]
@@ -159,7 +164,7 @@ func (b *Blob) launch(k int, cur *stream) {
 	s.streams.marks[k].Store(w0 * s.bpw)
 	// Claim the span's first windows now: the reader may be about to miss
 	// in them, and should wait for this fetch rather than start its own.
-	sp, _ := s.claim(w0, w1)
+	sp, _ := s.claim(w0*s.bpw, w0*s.bpw, s.nblocks, w1)
 	ok := b.c.inBackground(func() {
 		w := w0 + 1
 		if sp != nil {
@@ -169,7 +174,7 @@ func (b *Blob) launch(k int, cur *stream) {
 			w = sp.wEnd
 		}
 		for w < w1 {
-			next, err := b.fill(b.c.bgCtx, w, w1, fillReadahead)
+			next, err := b.fill(b.c.bgCtx, w*s.bpw, fillRange{lo: 0, hi: s.nblocks, w1: w1}, fillReadahead)
 			if err != nil {
 				return
 			}
@@ -198,18 +203,59 @@ func (s *blobState) windowEnd(end int64) int64 {
 	return min((end+w-1)/w*w, s.size)
 }
 
+// readaheadHorizon is how far ahead, in time at the rate single fetches
+// achieve, a readahead span reaches. Readahead exists to amortise a
+// request's latency; on a slow link (25 Mbit/s: a 16 MiB span is 5 s of
+// it) a long span only holds the link from the reader's next miss and
+// fetches what it may never read. 250 ms keeps spans at 16 MiB on a local
+// registry (hundreds of MB/s) and near 512 KiB on 25 Mbit/s.
+const readaheadHorizon = 250 * time.Millisecond
+
 // maxReadahead is the largest readahead span: Options.Readahead, lowered
-// so that two spans in flight stay within a quarter of MaxBytes.
+// so that two spans in flight stay within a quarter of MaxBytes, and to
+// what the source delivers in readaheadHorizon (at least one window).
 func (c *Cache) maxReadahead() int64 {
 	ra := c.opts.Readahead
 	if c.opts.MaxBytes > 0 {
 		ra = min(ra, c.opts.MaxBytes/8/c.opts.RefillSize*c.opts.RefillSize)
 	}
+	if bps := c.rate.bytesPerSecond(); bps > 0 && ra > 0 {
+		ra = min(ra, max(c.opts.RefillSize, int64(float64(bps)*readaheadHorizon.Seconds())/c.opts.RefillSize*c.opts.RefillSize))
+	}
 	return ra
 }
 
 // readaheadOn reports whether sequential readers get readahead at all.
-func (c *Cache) readaheadOn() bool { return c.maxReadahead() > 0 }
+func (c *Cache) readaheadOn() bool { return c.opts.Readahead > 0 }
+
+// rateEstimate is a moving average of the rate single fetches achieve
+// (bytes over the time from request to last byte, so a request's latency
+// counts against it, and fetches sharing a link each see their share).
+type rateEstimate struct{ bps atomic.Int64 }
+
+// observe adds a fetch of n bytes that took d. Fetches under a window
+// say more about latency than bandwidth and are left out.
+func (r *rateEstimate) observe(n int64, d time.Duration) {
+	if d <= 0 || n < minRateSample {
+		return
+	}
+	sample := int64(float64(n) / d.Seconds())
+	for {
+		old := r.bps.Load()
+		next := sample
+		if old > 0 {
+			next = old + (sample-old)/4
+		}
+		if r.bps.CompareAndSwap(old, next) {
+			return
+		}
+	}
+}
+
+// minRateSample is the smallest fetch the rate estimate learns from.
+const minRateSample = 64 << 10
+
+func (r *rateEstimate) bytesPerSecond() int64 { return r.bps.Load() }
 
 // markAhead flags block i as read ahead and not yet read.
 func (s *blobState) markAhead(i int64) {

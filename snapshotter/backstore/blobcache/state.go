@@ -46,7 +46,7 @@ type blobState struct {
 	cached   atomic.Int64 // bytes of present blocks
 
 	mu        sync.Mutex
-	inflight  map[int64]*fillCall // by window
+	inflight  map[int64]*fillCall // by block
 	pins      map[int64]int       // windows readers are filling and about to read
 	verifying bool                // a digest check is reading the data file
 	pending   []int64             // published blocks whose marks are not on disk yet

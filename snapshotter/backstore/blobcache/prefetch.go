@@ -1,0 +1,209 @@
+package blobcache
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+)
+
+// Prefetch fetches the blocks covering [off, off+n) that are not cached
+// yet, and only those (not their whole refill windows: a trace's ranges
+// are small, and window-sized fills cost nearly twice their bytes), one
+// window's worth per request, and returns when they are on disk. At most
+// Options.PrefetchConcurrency prefetch fetches run at once across the
+// cache (fewer on a slow source: about 250 ms of data in flight), and none
+// starts while a demand read is fetching, so a miss shares the link only
+// with the few prefetch fetches already under way. Callers order
+// and parallelise their own prefetch queues (the replayer runs several
+// Prefetch calls at once), and should not prefetch more than MaxBytes
+// ahead: prefetched blocks are not protected from eviction until read.
+func (b *Blob) Prefetch(ctx context.Context, off, n int64) error {
+	s := b.s
+	if off < 0 || n < 0 {
+		return fmt.Errorf("%w: %s: prefetch range [%d, +%d)", ErrInvalidBlob, s.dgst, off, n)
+	}
+	end := s.size
+	if n < s.size-off {
+		end = off + n
+	}
+	if off >= end || s.complete.Load() {
+		return nil
+	}
+	lo, hi := off/s.bs, (end-1)/s.bs+1
+	// The trace knows what the reader will need: while it is being
+	// fetched, sequential readahead would only compete with it.
+	b.c.prefetching.Add(1)
+	defer b.c.prefetching.Add(-1)
+	ticket := b.c.gate.enter()
+	defer b.c.gate.leave(ticket)
+	// Each window is tried a bounded number of times: a block can lose a
+	// race with eviction, or with a fetch that failed for its reader.
+	for w, tries := s.window(lo), 0; w <= s.window(hi-1); {
+		need := s.firstMissing(w, lo, hi)
+		if need < 0 || tries == maxBlockAttempts {
+			w, tries = w+1, 0
+			continue
+		}
+		tries++
+		if err := b.c.gate.acquire(ctx, ticket, b.c.prefetchLimit); err != nil {
+			return err
+		}
+		sp, call := s.claim(need, lo, hi, w+1)
+		var err error
+		if sp != nil {
+			err = b.run(ctx, sp, fillPrefetch)
+		}
+		b.c.gate.release(ticket)
+		if call != nil {
+			err = b.await(ctx, call)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// firstMissing returns the first block of window w within [lo, hi) that is
+// not cached, or -1.
+func (s *blobState) firstMissing(w, lo, hi int64) int64 {
+	first, end := s.windowBlocks(w)
+	for i := max(first, lo); i < min(end, hi); i++ {
+		if !s.has(i) {
+			return i
+		}
+	}
+	return -1
+}
+
+// prefetchGate admits prefetch fetches: at most limit at once, and while
+// a demand fetch is in flight only prefetchBesideDemand, since on a slow
+// link every prefetch byte in flight delays a miss that shares it (none at
+// all starves the replay: a start-up that misses keeps one demand fetch in
+// flight most of the time, and alone it leaves the link idle for a round
+// trip per fetch).
+//
+// Waiters are admitted in the order their Prefetch calls began (ticket
+// order), not at random: a replayer's workers call Prefetch in the trace's
+// first-access order, and the start-up needs the earliest ranges first.
+type prefetchGate struct {
+	mu      sync.Mutex
+	demand  int             // demand fetches in flight
+	running int             // prefetch fetches in flight
+	next    uint64          // the next Prefetch call's ticket
+	waiting map[uint64]bool // tickets of calls between fetches
+	changed chan struct{}   // closed (and replaced) when a count drops
+}
+
+func newPrefetchGate() prefetchGate {
+	return prefetchGate{waiting: make(map[uint64]bool), changed: make(chan struct{})}
+}
+
+// enter registers a Prefetch call and returns its ticket; leave ends it.
+func (g *prefetchGate) enter() uint64 {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.next++
+	g.waiting[g.next] = true
+	return g.next
+}
+
+func (g *prefetchGate) leave(ticket uint64) {
+	g.mu.Lock()
+	delete(g.waiting, ticket)
+	g.wake()
+	g.mu.Unlock()
+}
+
+// acquire waits until ticket is the oldest call waiting and fewer than
+// limit() prefetch fetches are in flight (fewer than prefetchBesideDemand
+// while a demand fetch is), and takes a place.
+func (g *prefetchGate) acquire(ctx context.Context, ticket uint64, limit func() int) error {
+	for {
+		g.mu.Lock()
+		n := limit()
+		if g.demand > 0 {
+			n = min(n, prefetchBesideDemand)
+		}
+		if g.running < n && g.oldest() == ticket {
+			g.running++
+			delete(g.waiting, ticket)
+			g.wake() // the next oldest may go too
+			g.mu.Unlock()
+			return nil
+		}
+		ch := g.changed
+		g.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// oldest is the smallest ticket waiting. Caller holds mu.
+func (g *prefetchGate) oldest() uint64 {
+	first := true
+	var m uint64
+	for t := range g.waiting {
+		if first || t < m {
+			m, first = t, false
+		}
+	}
+	return m
+}
+
+// release gives back a place; the call waits again under its ticket.
+func (g *prefetchGate) release(ticket uint64) {
+	g.mu.Lock()
+	g.waiting[ticket] = true
+	g.running--
+	g.wake()
+	g.mu.Unlock()
+}
+
+func (g *prefetchGate) demandStart() {
+	g.mu.Lock()
+	g.demand++
+	g.mu.Unlock()
+}
+
+func (g *prefetchGate) demandEnd() {
+	g.mu.Lock()
+	g.demand--
+	g.wake()
+	g.mu.Unlock()
+}
+
+// wake tells every waiter to look again. Caller holds mu.
+func (g *prefetchGate) wake() {
+	close(g.changed)
+	g.changed = make(chan struct{})
+}
+
+// prefetchHorizon bounds the prefetch bytes in flight to what single
+// fetches move in this time: a demand miss queues behind them on the link.
+const prefetchHorizon = 250 * time.Millisecond
+
+// minPrefetchFetches keeps a slow link busy: one fetch's round trip is
+// covered by the others' transfers.
+const minPrefetchFetches = 3
+
+// prefetchBesideDemand is how many prefetch fetches run while a demand
+// fetch is in flight: one keeps the link busy through the miss's round
+// trip and takes half the link from it at most.
+const prefetchBesideDemand = 1
+
+// prefetchLimit is how many prefetch fetches may run at once: about
+// prefetchHorizon of data at the rate single fetches achieve, in refill
+// windows, between minPrefetchFetches and Options.PrefetchConcurrency
+// (which applies alone until a rate is known).
+func (c *Cache) prefetchLimit() int {
+	n := c.opts.PrefetchConcurrency
+	if bps := c.rate.bytesPerSecond(); bps > 0 {
+		n = min(n, max(minPrefetchFetches, int(float64(bps)*prefetchHorizon.Seconds())/int(c.opts.RefillSize)))
+	}
+	return n
+}

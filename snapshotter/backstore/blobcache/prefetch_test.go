@@ -1,0 +1,183 @@
+package blobcache
+
+import (
+	"bytes"
+	"context"
+	"sync"
+	"testing"
+	"time"
+)
+
+// TestDemandMissBesidePrefetchedBlock: a prefetch of a window's first
+// block holds only that block in flight, so a demand miss on another block
+// of the window fetches at once instead of waiting for the prefetch.
+func TestDemandMissBesidePrefetchedBlock(t *testing.T) {
+	m := newMemFetcher(1*mib, 21)
+	release := make(chan struct{})
+	holdFetches(m, func(off int64) bool { return off == 0 }, release) // the prefetch of block 0
+	c := openCache(t, t.TempDir(), Options{})
+	b := openBlob(t, c, m, nil)
+	done := make(chan error, 1)
+	go func() { done <- b.Prefetch(context.Background(), 0, 100) }()
+	waitFor(t, func() bool { return m.calls.Load() == 1 })
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	p := make([]byte, 4096)
+	if _, err := b.ReadAtContext(ctx, p, 3*64*kib); err != nil {
+		t.Fatalf("demand read beside a prefetch in flight: %v", err)
+	}
+	if !bytes.Equal(p, m.data[3*64*kib:3*64*kib+4096]) {
+		t.Error("wrong bytes")
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	// The demand fill fetched block 3 (a Prefetch is running, so only the
+	// read's block), the prefetch block 0.
+	if got := m.fetched(); len(got) != 2 {
+		t.Errorf("fetched %v", got)
+	}
+	if st := c.Stats(); st.PrefetchedBytes != 64*kib {
+		t.Errorf("prefetched %d bytes, want one block", st.PrefetchedBytes)
+	}
+}
+
+// TestPrefetchHoldsBackForDemand: while a demand fetch is in flight, one
+// prefetch fetch runs beside it and no more; once it ends, the rest go.
+func TestPrefetchHoldsBackForDemand(t *testing.T) {
+	m := newMemFetcher(2*mib, 22)
+	demand, prefetch := make(chan struct{}), make(chan struct{})
+	m.hook = func(ctx context.Context, off int64, n int) error {
+		gate := prefetch
+		if off == 0 {
+			gate = demand
+		}
+		select {
+		case <-gate:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	c := openCache(t, t.TempDir(), Options{Readahead: -1})
+	b := openBlob(t, c, m, nil)
+	read := make(chan error, 1)
+	go func() {
+		_, err := b.ReadAt(make([]byte, 4096), 0)
+		read <- err
+	}()
+	waitFor(t, func() bool { return m.calls.Load() == 1 })
+	var wg sync.WaitGroup
+	for _, off := range []int64{1 * mib, 1*mib + 512*kib} {
+		wg.Go(func() {
+			if err := b.Prefetch(context.Background(), off, 64*kib); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	waitFor(t, func() bool { return m.calls.Load() == 2 })
+	time.Sleep(50 * time.Millisecond)
+	if n := m.calls.Load(); n != 2 {
+		t.Fatalf("%d fetches beside a demand fetch; want it and one prefetch", n)
+	}
+	close(demand)
+	if err := <-read; err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, func() bool { return m.calls.Load() == 3 }) // the demand fetch ended
+	close(prefetch)
+	wg.Wait()
+}
+
+// holdFetches makes the fetches of m at the offsets held picks wait for
+// release.
+func holdFetches(m *memFetcher, held func(off int64) bool, release <-chan struct{}) {
+	m.hook = func(ctx context.Context, off int64, n int) error {
+		if !held(off) {
+			return nil
+		}
+		select {
+		case <-release:
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// waitFor polls cond for up to 5 s.
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not reached in 5 s")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// TestDemandNarrowDuringPrefetch: while a Prefetch runs, a miss fetches
+// only the blocks of its read, not their refill window.
+func TestDemandNarrowDuringPrefetch(t *testing.T) {
+	m := newMemFetcher(2*mib, 23)
+	release := make(chan struct{})
+	holdFetches(m, func(off int64) bool { return off >= 1*mib }, release) // the prefetch
+	c := openCache(t, t.TempDir(), Options{})
+	b := openBlob(t, c, m, nil)
+	done := make(chan error, 1)
+	go func() { done <- b.Prefetch(context.Background(), 1*mib, 64*kib) }()
+	waitFor(t, func() bool { return m.calls.Load() == 1 })
+	if _, err := b.ReadAt(make([]byte, 4096), 9*64*kib+100); err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	got := m.fetched()
+	if len(got) != 2 || got[0] != [2]int64{9 * 64 * kib, 10 * 64 * kib} {
+		t.Errorf("fetched %v: want block 9 alone, then the prefetch", got)
+	}
+	// With no Prefetch running, a miss fetches its whole window again.
+	m.reset()
+	if _, err := b.ReadAt(make([]byte, 4096), 0); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.fetched(); len(got) != 1 || got[0] != [2]int64{0, 256 * kib} {
+		t.Errorf("fetched %v: want window 0", got)
+	}
+}
+
+// TestRateBoundsPrefetchAndReadahead: on a slow source, prefetch in flight
+// and readahead spans shrink to about 250 ms of data; on a fast one the
+// options apply.
+func TestRateBoundsPrefetchAndReadahead(t *testing.T) {
+	c := openCache(t, t.TempDir(), Options{PrefetchConcurrency: 8})
+	if got := c.prefetchLimit(); got != 8 {
+		t.Errorf("no rate known: limit %d, want 8", got)
+	}
+	if got := c.maxReadahead(); got != DefaultReadahead {
+		t.Errorf("no rate known: readahead %d", got)
+	}
+	c.rate.observe(3_000_000, time.Second) // 25 Mbit/s or so
+	if got := c.prefetchLimit(); got != minPrefetchFetches {
+		t.Errorf("3 MB/s: limit %d, want %d", got, minPrefetchFetches)
+	}
+	if got := c.maxReadahead(); got != 512*kib {
+		t.Errorf("3 MB/s: readahead %d, want 512 KiB (750 KB in whole windows)", got)
+	}
+	for range 40 { // each sample moves the average by a quarter of the gap
+		c.rate.observe(1<<30, time.Second)
+	}
+	if got := c.prefetchLimit(); got != 8 {
+		t.Errorf("1 GB/s: limit %d, want 8", got)
+	}
+	if got := c.maxReadahead(); got != DefaultReadahead {
+		t.Errorf("1 GB/s: readahead %d", got)
+	}
+	c.rate.observe(100, time.Second) // too small to learn from
+	if got := c.rate.bytesPerSecond(); got < 1<<29 {
+		t.Errorf("a small fetch moved the estimate to %d", got)
+	}
+}
