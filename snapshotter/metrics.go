@@ -128,7 +128,7 @@ var (
 	descPrefetched   = prometheus.NewDesc("obd_snapshotter_image_prefetched_bytes_total", "Bytes fetched ahead of demand by replay.", imageLabels, nil)
 	descReplayed     = prometheus.NewDesc("obd_snapshotter_image_replayed_bytes_total", "Blob bytes of the replay ranges completed (fetched ahead, or found cached).", imageLabels, nil)
 	descPrefetchHits = prometheus.NewDesc("obd_snapshotter_image_prefetch_hits_total", "Blocks a read found already fetched by replay.", imageLabels, nil)
-	descReplayErrors = prometheus.NewDesc("obd_snapshotter_image_replay_errors", "1 when the image's trace could not be replayed.", imageLabels, nil)
+	descReplayErrors = prometheus.NewDesc("obd_snapshotter_image_replay_errors", "1 when the image's latest replay failed.", imageLabels, nil)
 )
 
 // imageCollector reports each image server at scrape time from its state
@@ -175,13 +175,27 @@ func (c *imageCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descCacheUsed, prometheus.GaugeValue, float64(stats.Cache.UsedBytes), labels...)
 		replayErr := 0.0
 		if stats.Replay != nil {
-			counter(descReplayed, stats.Replay.BytesDone)
+			counter(descReplayed, replayedBytes(stats))
 			if stats.Replay.Error != "" {
 				replayErr = 1
 			}
 		}
 		ch <- prometheus.MustNewConstMetric(descReplayErrors, prometheus.GaugeValue, replayErr, labels...)
 	}
+}
+
+// replayedBytes is the replay bytes a server completed over all its
+// replays: the latest replay's own figure restarts at 0 with each one, so
+// as a counter it would go back. A server from before the totals wrote
+// only that figure.
+func replayedBytes(stats backstore.Stats) int64 {
+	switch {
+	case stats.ReplayTotals != nil:
+		return stats.ReplayTotals.BytesDone
+	case stats.Replay != nil:
+		return stats.Replay.BytesDone
+	}
+	return 0
 }
 
 // readStats reads an image server's stats file; a missing or half-written

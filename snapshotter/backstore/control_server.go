@@ -17,6 +17,25 @@ import (
 	"github.com/obdtrace/obdtrace/snapshotter/backstore/device"
 )
 
+// Bounds on the control socket's handlers: a peer that connects and sends
+// nothing holds one for controlReadTimeout, so without a bound a stream of
+// such peers would grow goroutines and descriptors without end.
+const (
+	// maxControlHandlers bounds the requests handled at once; real
+	// clients send one at a time per container start.
+	maxControlHandlers = 8
+	// controlBusyWait is how long a connection over the bound waits for
+	// a handler to end before it is refused.
+	controlBusyWait = time.Second
+	// controlRefuseTimeout bounds the refusal of a connection: reading
+	// its request (closing over an unread one would reset the peer
+	// before it reads the answer) and writing the answer.
+	controlRefuseTimeout = 200 * time.Millisecond
+)
+
+// errControlBusy answers a connection over maxControlHandlers.
+var errControlBusy = fmt.Errorf("%d control requests are being handled; try again", maxControlHandlers)
+
 // controller runs the recordings and replays of one served image, whether
 // asked for at mount (Config.TraceFile) or later on the control socket.
 type controller struct {
@@ -31,6 +50,7 @@ type controller struct {
 
 	ln       *net.UnixListener
 	handlers sync.WaitGroup
+	slots    chan struct{} // one per running handler, at most maxControlHandlers
 
 	mu         sync.Mutex
 	closed     bool                  // no new recordings
@@ -40,7 +60,7 @@ type controller struct {
 func newController(ctx context.Context, cfg Config, img *Image, dev device.Device, rp *replays, mon *monitor, log zerolog.Logger) *controller {
 	ctx, cancel := context.WithCancel(ctx)
 	return &controller{ctx: ctx, cancel: cancel, cfg: cfg, img: img, dev: dev, rp: rp, mon: mon, log: log,
-		recordings: map[string]*recording{}}
+		recordings: map[string]*recording{}, slots: make(chan struct{}, maxControlHandlers)}
 }
 
 // startRecording records the device's reads into path, an existing empty
@@ -104,7 +124,8 @@ func (c *controller) stopRecording(path string) error {
 }
 
 // replay checks the trace or path list in path and replays it in the
-// background, as a trace given at mount is.
+// background, as a trace given at mount is. It is refused with
+// ErrReplayRunning while another replay runs.
 func (c *controller) replay(path string) error {
 	if c.cfg.NoReplay {
 		return errors.New("replay is disabled on this server")
@@ -144,14 +165,48 @@ func (c *controller) listen(path string) error {
 				}
 				return
 			}
+			if err := c.acquire(); err != nil {
+				c.refuse(conn, err)
+				continue
+			}
 			c.handlers.Add(1)
 			go func() {
 				defer c.handlers.Done()
+				defer func() { <-c.slots }()
 				c.handle(conn)
 			}()
 		}
 	}()
 	return nil
+}
+
+// acquire takes a handler slot, waiting at most controlBusyWait.
+func (c *controller) acquire() error {
+	select {
+	case c.slots <- struct{}{}:
+		return nil
+	default:
+	}
+	t := time.NewTimer(controlBusyWait)
+	defer t.Stop()
+	select {
+	case c.slots <- struct{}{}:
+		return nil
+	case <-c.ctx.Done():
+		return ErrStopping
+	case <-t.C:
+		c.log.Warn().Int("handlers", maxControlHandlers).Msg("control request refused: too many at once")
+		return errControlBusy
+	}
+}
+
+// refuse answers conn with err without reading its request, within
+// controlRefuseTimeout.
+func (c *controller) refuse(conn *net.UnixConn, err error) {
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(controlRefuseTimeout))
+	io.Copy(io.Discard, io.LimitReader(conn, MaxControlMessage+1))
+	writeResponse(conn, err)
 }
 
 // handle answers one request.
@@ -160,7 +215,6 @@ func (c *controller) handle(conn *net.UnixConn) {
 	// A peer that sends nothing must not hold up close for the read
 	// deadline.
 	defer context.AfterFunc(c.ctx, func() { conn.SetDeadline(time.Now()) })()
-	var resp ControlResponse
 	req, err := c.readRequest(conn)
 	if err == nil {
 		log := c.log.With().Str("op", req.Op).Str("trace", req.Path).Logger()
@@ -179,12 +233,19 @@ func (c *controller) handle(conn *net.UnixConn) {
 	} else {
 		c.log.Warn().Err(err).Msg("bad control request")
 	}
+	conn.SetWriteDeadline(time.Now().Add(controlReadTimeout))
+	writeResponse(conn, err)
+}
+
+// writeResponse answers a request with err, nil for success. A peer that
+// has gone is not this server's problem.
+func writeResponse(conn *net.UnixConn, err error) {
+	var resp ControlResponse
 	if err != nil {
 		resp.Error = err.Error()
 		resp.NotRecording = errors.Is(err, ErrNotRecording)
 	}
 	b, _ := json.Marshal(resp)
-	conn.SetWriteDeadline(time.Now().Add(controlReadTimeout))
 	conn.Write(b)
 }
 

@@ -26,7 +26,10 @@ type Stats struct {
 	BytesServed int64           `json:"bytes_served"` // read from the merged disk
 	Cache       blobcache.Stats `json:"cache"`
 	Layers      []LayerStats    `json:"layers"`
-	Replay      *ReplayStats    `json:"replay,omitempty"`
+	Replay      *ReplayStats    `json:"replay,omitempty"` // the running or last replay
+	// ReplayTotals sum every replay of this server, the running one
+	// included; Replay shows only the latest.
+	ReplayTotals *ReplayTotals `json:"replay_totals,omitempty"`
 }
 
 // LayerStats describe one layer's blob in the cache.
@@ -38,7 +41,8 @@ type LayerStats struct {
 	BytesFetched int64         `json:"bytes_fetched"`
 }
 
-// ReplayStats describe the replay of a trace at mount.
+// ReplayStats describe one replay of a trace, at mount or asked for on the
+// control channel.
 type ReplayStats struct {
 	Source        string             `json:"source"` // trace file or "trace layer"
 	Plan          replayer.PlanStats `json:"plan"`
@@ -51,6 +55,28 @@ type ReplayStats struct {
 	Error         string             `json:"error,omitempty"`
 }
 
+// ReplayTotals sum the replays a server ran. A replay asked for on the
+// control channel replaces the one Stats.Replay shows, so counters read
+// from it would go back; these never do.
+type ReplayTotals struct {
+	Replays       int64 `json:"replays"` // started
+	Errors        int64 `json:"errors"`  // ended with ReplayStats.Error set
+	RangesDone    int64 `json:"ranges_done"`
+	RangesFailed  int64 `json:"ranges_failed"`
+	BytesDone     int64 `json:"bytes_prefetched"`
+	FullBytesDone int64 `json:"full_fetch_bytes"`
+	SkippedFrames int64 `json:"skipped_frames"`
+}
+
+// add adds r's progress (not its count or error) to t.
+func (t *ReplayTotals) add(r ReplayStats) {
+	t.RangesDone += r.RangesDone
+	t.RangesFailed += r.RangesFailed
+	t.BytesDone += r.BytesDone
+	t.FullBytesDone += r.FullBytesDone
+	t.SkippedFrames += int64(r.Plan.Unmatched + r.Plan.OutOfRange + r.Plan.Truncated)
+}
+
 // monitor gathers a mount's stats for the stats file and Prometheus.
 type monitor struct {
 	ref, mountpoint string
@@ -60,8 +86,10 @@ type monitor struct {
 	metricsAddr     string
 
 	mu       sync.Mutex
-	replay   *ReplayStats
-	runStats *replayer.Stats
+	replay   *ReplayStats    // the running or last replay
+	runStats *replayer.Stats // replay's progress
+	running  bool            // replay is not in ended yet
+	ended    ReplayTotals    // of the replays that ended, and the count started
 
 	descs map[string]*prometheus.Desc
 }
@@ -78,15 +106,51 @@ func newMonitor(ref, mountpoint string, img *Image, cache *blobcache.Cache) *mon
 			"ranges_done":   d("replay_ranges_done_total", "Replay ranges completed."),
 			"ranges_failed": d("replay_ranges_failed_total", "Replay ranges that failed."),
 			"skipped":       d("replay_skipped_frames_total", "Trace frames not replayed: layer missing, out of range or over the limit."),
-			"trace_seconds": d("replay_trace_done_seconds", "Time from mount to the end of the trace phase (0 while it runs)."),
+			"trace_seconds": d("replay_trace_done_seconds", "Time from the start of the latest replay to the end of its trace phase (0 while it runs)."),
 			"replay_errors": d("replay_errors_total", "Traces that could not be replayed."),
 		}}
 }
 
-func (m *monitor) setReplay(rs *ReplayStats, run *replayer.Stats) {
+// startReplay makes rs, whose progress is run, the replay the stats show.
+func (m *monitor) startReplay(rs *ReplayStats, run *replayer.Stats) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	m.replay, m.runStats = rs, run
+	// Replays run one at a time; should one still run, its progress so
+	// far stays counted rather than vanish.
+	m.endLocked(m.replay)
+	m.replay, m.runStats, m.running = rs, run, true
+	m.ended.Replays++
+}
+
+// endReplay adds the ended replay rs to the totals, with errMsg, if not
+// empty, as its error.
+func (m *monitor) endReplay(rs *ReplayStats, errMsg string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if errMsg != "" {
+		rs.Error = errMsg
+		m.ended.Errors++
+	}
+	m.endLocked(rs)
+}
+
+func (m *monitor) endLocked(rs *ReplayStats) {
+	if m.running && m.replay == rs {
+		m.ended.add(m.currentLocked())
+		m.running = false
+	}
+}
+
+// currentLocked is the running or last replay with its progress.
+func (m *monitor) currentLocked() ReplayStats {
+	rs := *m.replay
+	if r := m.runStats; r != nil {
+		rs.RangesDone, rs.RangesFailed = r.RangesDone.Load(), r.RangesFailed.Load()
+		rs.BytesDone, rs.FullBytesDone = r.Bytes.Load(), r.FullBytes.Load()
+		rs.TraceSeconds = time.Duration(r.TraceDone.Load()).Seconds()
+		rs.FullSeconds = time.Duration(r.FullDone.Load()).Seconds()
+	}
+	return rs
 }
 
 func (m *monitor) snapshot() Stats {
@@ -103,14 +167,12 @@ func (m *monitor) snapshot() Stats {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.replay != nil {
-		rs := *m.replay
-		if r := m.runStats; r != nil {
-			rs.RangesDone, rs.RangesFailed = r.RangesDone.Load(), r.RangesFailed.Load()
-			rs.BytesDone, rs.FullBytesDone = r.Bytes.Load(), r.FullBytes.Load()
-			rs.TraceSeconds = time.Duration(r.TraceDone.Load()).Seconds()
-			rs.FullSeconds = time.Duration(r.FullDone.Load()).Seconds()
+		rs := m.currentLocked()
+		totals := m.ended
+		if m.running {
+			totals.add(rs)
 		}
-		s.Replay = &rs
+		s.Replay, s.ReplayTotals = &rs, &totals
 	}
 	return s
 }
@@ -158,19 +220,19 @@ func (m *monitor) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(m.descs[name], prometheus.CounterValue, v)
 	}
 	c("served", float64(s.BytesServed))
-	var r ReplayStats
-	replayErrors := 0.0
-	if s.Replay != nil {
-		r = *s.Replay
-		if r.Error != "" {
-			replayErrors = 1
-		}
+	var t ReplayTotals
+	if s.ReplayTotals != nil {
+		t = *s.ReplayTotals
 	}
-	c("prefetched", float64(r.BytesDone))
-	c("full", float64(r.FullBytesDone))
-	c("ranges_done", float64(r.RangesDone))
-	c("ranges_failed", float64(r.RangesFailed))
-	c("skipped", float64(r.Plan.Unmatched+r.Plan.OutOfRange+r.Plan.Truncated))
-	c("replay_errors", replayErrors)
-	ch <- prometheus.MustNewConstMetric(m.descs["trace_seconds"], prometheus.GaugeValue, r.TraceSeconds)
+	c("prefetched", float64(t.BytesDone))
+	c("full", float64(t.FullBytesDone))
+	c("ranges_done", float64(t.RangesDone))
+	c("ranges_failed", float64(t.RangesFailed))
+	c("skipped", float64(t.SkippedFrames))
+	c("replay_errors", float64(t.Errors))
+	traceSeconds := 0.0
+	if s.Replay != nil {
+		traceSeconds = s.Replay.TraceSeconds
+	}
+	ch <- prometheus.MustNewConstMetric(m.descs["trace_seconds"], prometheus.GaugeValue, traceSeconds)
 }

@@ -24,14 +24,21 @@ const maxTraceFile = 256 << 20
 // mount, which last as long as the device takes to read the metadata.
 const replayStopTimeout = 5 * time.Second
 
-// ErrStopping is returned for a replay asked for while the server stops.
-var ErrStopping = errors.New("backstore: the server is stopping")
+var (
+	// ErrStopping is returned for a replay asked for while the server stops.
+	ErrStopping = errors.New("backstore: the server is stopping")
+	// ErrReplayRunning is returned for a replay asked for while another,
+	// the mount's or an earlier request's, still runs. Each replay runs a
+	// plan's workers against the registry; queuing more behind it would
+	// only add load for blocks the first has mostly fetched already.
+	ErrReplayRunning = errors.New("a replay is running")
+)
 
-// replays runs a server's replays, the mount's and those asked for on the
-// control socket, so that teardown can end them all before the filesystem
-// goes: a path list being resolved holds files open in the mount (its
-// unmount would then be lazy, keeping the device and FUSE server busy), and
-// a replay must not prefetch into a closed cache.
+// replays runs a server's replays, one at a time, the mount's and those
+// asked for on the control socket, so that teardown can end them all
+// before the filesystem goes: a path list being resolved holds files open
+// in the mount (its unmount would then be lazy, keeping the device and
+// FUSE server busy), and a replay must not prefetch into a closed cache.
 type replays struct {
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -39,6 +46,7 @@ type replays struct {
 
 	mu      sync.Mutex
 	stopped bool
+	running string // the source of the running replay, if any
 }
 
 func newReplays(ctx context.Context) *replays {
@@ -49,6 +57,7 @@ func newReplays(ctx context.Context) *replays {
 // start loads the trace to replay (cfg.TraceFile, else the image's trace
 // layer) and runs it in the background. Any problem with the trace is
 // logged and counted, never fatal: a bad trace must not fail a mount.
+// While a replay runs, start refuses another with ErrReplayRunning.
 func (r *replays) start(cfg Config, img *Image, mon *monitor, log zerolog.Logger) error {
 	source := cfg.TraceFile
 	if source == "" {
@@ -62,18 +71,26 @@ func (r *replays) start(cfg Config, img *Image, mon *monitor, log zerolog.Logger
 	if r.stopped {
 		return ErrStopping
 	}
+	if r.running != "" {
+		return fmt.Errorf("%w (%s), try again when it ends", ErrReplayRunning, r.running)
+	}
+	r.running = source
 	rs := &ReplayStats{Source: source}
 	var run replayer.Stats
-	mon.setReplay(rs, &run)
+	mon.startReplay(rs, &run)
 	r.wg.Add(1)
 	go func() {
 		defer r.wg.Done()
+		var errMsg string
 		if err := replay(r.ctx, cfg, img, mon, rs, &run, log); err != nil && r.ctx.Err() == nil {
 			log.Warn().Err(err).Str("trace", source).Msg("replay skipped")
-			mon.mu.Lock()
-			rs.Error = err.Error()
-			mon.mu.Unlock()
+			errMsg = err.Error()
 		}
+		// Counted before the next replay may start.
+		mon.endReplay(rs, errMsg)
+		r.mu.Lock()
+		r.running = ""
+		r.mu.Unlock()
 	}()
 	return nil
 }
