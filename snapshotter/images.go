@@ -82,7 +82,11 @@ func (s *Snapshotter) traceOnAttached(ctx context.Context, st backstore.State, i
 		err = backstore.SendControl(ctx, st, req)
 	}
 	if err != nil {
-		s.traceLabelProblem(key, trace, reasonServer, fmt.Errorf("device already attached: %w", err))
+		reason := reasonServer
+		if errors.Is(err, backstore.ErrReplayRunning) {
+			reason = reasonBusy
+		}
+		s.traceLabelProblem(key, trace, reason, fmt.Errorf("device already attached: %w", err))
 		return false
 	}
 	s.log.Info().Str("image", id).Str("key", key).Str("op", req.Op).Str("trace", trace).

@@ -35,6 +35,7 @@ const (
 	reasonBadTrace     = "bad_trace"     // a file to replay that holds no trace or path list
 	reasonNotOverlaybd = "not_overlaybd" // the image has no overlaybd layers
 	reasonServer       = "server"        // the image's server refused or could not be asked
+	reasonBusy         = "busy"          // the image's server is running another replay
 )
 
 // maxStatsFile bounds an image server's stats file read at scrape time.
@@ -77,7 +78,7 @@ func newMetrics() *metrics {
 		}),
 		traceLabelProblems: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "obd_snapshotter_trace_label_problems_total",
-			Help: "Record/replay trace label requests not acted on, by reason (bad_path, bad_trace, not_overlaybd, server); the log says why.",
+			Help: "Record/replay trace label requests not acted on, by reason (bad_path, bad_trace, not_overlaybd, server, busy); the log says why.",
 		}, []string{"reason"}),
 	}
 }

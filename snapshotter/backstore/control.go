@@ -78,6 +78,9 @@ type ControlResponse struct {
 	Error string `json:"error,omitempty"`
 	// NotRecording is set when Error is ErrNotRecording's.
 	NotRecording bool `json:"not_recording,omitempty"`
+	// ReplayRunning is set when a replay was refused because another runs
+	// (ErrReplayRunning): a transient refusal, unlike the others.
+	ReplayRunning bool `json:"replay_running,omitempty"`
 }
 
 // ParseControlRequest decodes and checks a request read from the control
@@ -162,7 +165,7 @@ func controlSocketPath(stateDir string) (string, error) {
 
 // SendControl sends req to the image server whose state is st and waits
 // for its answer. A refusal wraps ErrControlRefused (and ErrNotRecording
-// when that is why).
+// or ErrReplayRunning when that is why).
 func SendControl(ctx context.Context, st State, req ControlRequest) error {
 	if st.Control == "" {
 		return fmt.Errorf("%w (server pid %d)", ErrNoControl, st.PID)
@@ -205,6 +208,8 @@ func SendControl(ctx context.Context, st State, req ControlRequest) error {
 	switch {
 	case resp.NotRecording:
 		return fmt.Errorf("%w: %s %s: %w", ErrControlRefused, req.Op, req.Path, ErrNotRecording)
+	case resp.ReplayRunning:
+		return fmt.Errorf("%w: %s %s: %w: %s", ErrControlRefused, req.Op, req.Path, ErrReplayRunning, resp.Error)
 	case resp.Error != "":
 		return fmt.Errorf("%w: %s %s: %s", ErrControlRefused, req.Op, req.Path, resp.Error)
 	}

@@ -244,6 +244,7 @@ func writeResponse(conn *net.UnixConn, err error) {
 	if err != nil {
 		resp.Error = err.Error()
 		resp.NotRecording = errors.Is(err, ErrNotRecording)
+		resp.ReplayRunning = errors.Is(err, ErrReplayRunning)
 	}
 	b, _ := json.Marshal(resp)
 	conn.Write(b)

@@ -82,7 +82,7 @@ func TestControlReplayRunning(t *testing.T) {
 		t.Fatal(err)
 	}
 	err := SendControl(context.Background(), st, ControlRequest{Op: OpReplay, Path: list})
-	if !errors.Is(err, ErrControlRefused) || !strings.Contains(err.Error(), "a replay is running") {
+	if !errors.Is(err, ErrControlRefused) || !errors.Is(err, ErrReplayRunning) || !strings.Contains(err.Error(), "a replay is running") {
 		t.Errorf("replay while one runs: %v, want ErrControlRefused saying a replay is running", err)
 	}
 }
