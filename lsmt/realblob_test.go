@@ -15,32 +15,13 @@ import (
 	"github.com/obdtrace/obdtrace/lsmt"
 )
 
-func openBlobFile(t *testing.T, path string) *lsmt.Blob {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	st, err := f.Stat()
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := lsmt.OpenBlob(f, st.Size())
-	if err != nil {
-		t.Fatalf("OpenBlob(%s): %v", path, err)
-	}
-	t.Cleanup(func() { b.Close() })
-	return b
-}
-
 // TestUpstreamHelloWorld is the compatibility check: the upstream baselayer
 // and hello-world layer, stacked, exported and read with debugfs, give the
 // bytes of /hello in the original image.
 func TestUpstreamHelloWorld(t *testing.T) {
 	debugfs := testutil.RequireTool(t, "debugfs")
-	base := openBlobFile(t, testdata.Baselayer(t))
-	hello := openBlobFile(t, testdata.Blob(t, testdata.HelloLayerDigest))
+	base := testdata.OpenBlob(t, testdata.Baselayer(t))
+	hello := testdata.OpenBlob(t, testdata.Blob(t, testdata.HelloLayerDigest))
 
 	if base.TarWrapped || base.ZFile == nil {
 		t.Errorf("baselayer: tar %v zfile %v, want a bare ZFile", base.TarWrapped, base.ZFile != nil)
@@ -91,7 +72,7 @@ func TestUpstreamHelloWorld(t *testing.T) {
 // TestRecommitUpstreamLayer commits the hello-world layer's own index and
 // data again and compares with the original LSMT bytes.
 func TestRecommitUpstreamLayer(t *testing.T) {
-	hello := openBlobFile(t, testdata.Blob(t, testdata.HelloLayerDigest))
+	hello := testdata.OpenBlob(t, testdata.Blob(t, testdata.HelloLayerDigest))
 	orig := make([]byte, hello.Size())
 	if _, err := hello.Source().ReadAt(orig, 0); err != nil {
 		t.Fatal(err)

@@ -17,21 +17,17 @@ import (
 
 func openBlob(t *testing.T, path string) (*lsmt.Blob, trace.Layer) {
 	t.Helper()
+	b := testdata.OpenBlob(t, path)
 	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { f.Close() })
-	st, err := f.Stat()
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := lsmt.OpenBlob(f, st.Size())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { b.Close() })
+	defer f.Close()
 	d, err := digest.FromReader(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := f.Stat()
 	if err != nil {
 		t.Fatal(err)
 	}

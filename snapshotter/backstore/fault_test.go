@@ -85,32 +85,31 @@ func TestServeThroughFaults(t *testing.T) {
 	}
 }
 
-// uncachedOffset returns the disk offset of a hello-world layer segment
-// whose compressed bytes lie in the middle of the blob, away from the
-// headers and index read at open and from what mounting and reading /hello
-// touch.
-func uncachedOffset(t *testing.T) int64 {
+// midBlobSegment returns a data segment of the hello-world layer whose
+// compressed bytes lie in the middle of the blob, away from the headers
+// and index read at open and from what mounting and reading /hello touch.
+func midBlobSegment(t *testing.T) lsmt.Segment {
 	t.Helper()
-	f, err := os.Open(testdata.Blob(t, testdata.HelloLayerDigest))
+	path := testdata.Blob(t, testdata.HelloLayerDigest)
+	st, err := os.Stat(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	st, _ := f.Stat()
-	b, err := lsmt.OpenBlob(f, st.Size())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	b := testdata.OpenBlob(t, path)
 	for _, seg := range b.Index() {
 		if seg.Zeroed {
 			continue
 		}
 		start, _, err := b.BlobRange(int64(seg.MOffset)*lsmt.SectorSize, 4096)
 		if err == nil && start > st.Size()*4/10 && start < st.Size()*6/10 {
-			return int64(seg.Offset) * lsmt.SectorSize
+			return seg
 		}
 	}
 	t.Fatal("no segment in the middle of the blob")
-	return 0
+	return lsmt.Segment{}
+}
+
+// uncachedOffset is the disk offset of midBlobSegment's data.
+func uncachedOffset(t *testing.T) int64 {
+	return int64(midBlobSegment(t).Offset) * lsmt.SectorSize
 }

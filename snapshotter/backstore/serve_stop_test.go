@@ -88,26 +88,7 @@ func (s *syncBuffer) lines() []string {
 // trace frames name it), of data stored in the middle of its blob: nothing
 // that mounting reads.
 func midLayerOffset(t *testing.T) int64 {
-	t.Helper()
-	f, err := os.Open(testdata.Blob(t, testdata.HelloLayerDigest))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	st, _ := f.Stat()
-	b, err := lsmt.OpenBlob(f, st.Size())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
-	for _, seg := range b.Index() {
-		off := int64(seg.MOffset) * lsmt.SectorSize
-		if start, _, err := b.BlobRange(off, 4096); !seg.Zeroed && err == nil && start > st.Size()*4/10 && start < st.Size()*6/10 {
-			return off
-		}
-	}
-	t.Fatal("no segment in the middle of the blob")
-	return 0
+	return int64(midBlobSegment(t).MOffset) * lsmt.SectorSize
 }
 
 func indexOf(lines []string, want string) int {

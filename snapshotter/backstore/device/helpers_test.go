@@ -58,31 +58,12 @@ func needTool(t testing.TB, name string) string {
 	return ""
 }
 
-func openBlob(t testing.TB, path string) *lsmt.Blob {
-	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { f.Close() })
-	st, err := f.Stat()
-	if err != nil {
-		t.Fatal(err)
-	}
-	b, err := lsmt.OpenBlob(f, st.Size())
-	if err != nil {
-		t.Fatalf("OpenBlob(%s): %v", path, err)
-	}
-	t.Cleanup(func() { b.Close() })
-	return b
-}
-
 // helloStack is the upstream hello-world image: the ext4_64 baselayer and
 // the converted hello-world layer.
 func helloStack(t testing.TB) *lsmt.Stack {
 	t.Helper()
-	base := openBlob(t, testdata.Baselayer(t))
-	hello := openBlob(t, testdata.Blob(t, testdata.HelloLayerDigest))
+	base := testdata.OpenBlob(t, testdata.Baselayer(t))
+	hello := testdata.OpenBlob(t, testdata.Blob(t, testdata.HelloLayerDigest))
 	s, err := lsmt.NewStack([]lsmt.StackLayer{base, hello})
 	if err != nil {
 		t.Fatal(err)
