@@ -22,6 +22,13 @@ type Prefetcher interface {
 	Prefetch(ctx context.Context, off, n int64) error
 }
 
+// Expecter is implemented by a Prefetcher that wants to know the whole
+// plan before the prefetching starts (*blobcache.Blob does, to tell a
+// prefetch running behind the reader from a read the plan does not know).
+type Expecter interface {
+	Expect(off, n int64)
+}
+
 // Layer is one layer of the mounted image, listed bottom first as the
 // device stacks them (the baselayer, when present, is layer 0).
 type Layer struct {

@@ -199,6 +199,14 @@ func TestRunFillsCache(t *testing.T) {
 	if stats.RangesDone.Load() != int64(len(p.Ranges)) || stats.RangesFailed.Load() != 0 || stats.TraceDone.Load() == 0 {
 		t.Fatalf("stats done %d failed %d of %d", stats.RangesDone.Load(), stats.RangesFailed.Load(), len(p.Ranges))
 	}
+	// The cache was told the whole plan (Expecter): every range's blocks.
+	var planned int64
+	for _, r := range p.Ranges {
+		planned += (r.End+4095)/4096*4096 - r.Start/4096*4096
+	}
+	if got := cache.Stats().PlannedBytes; got != planned {
+		t.Errorf("cache was told of %d planned bytes, want %d", got, planned)
+	}
 	// Reading the traced layer bytes now fetches nothing more.
 	before := f.fetched.Load()
 	for _, fr := range tr.Frames {

@@ -116,6 +116,11 @@ func (p *Plan) Run(ctx context.Context, layers []Layer, opts Options, stats *Sta
 		close(queue)
 		wg.Wait()
 	}
+	for _, r := range p.Ranges {
+		if e, ok := layers[r.Layer].Blob.(Expecter); ok {
+			e.Expect(r.Start, r.End-r.Start)
+		}
+	}
 	run(p.Ranges, opts.Workers, opts.BytesPerSecond, &stats.Bytes)
 	if ctx.Err() != nil {
 		return ctx.Err()

@@ -73,6 +73,9 @@ type Config struct {
 	FullFetchWorkers int
 	// RefillSize is the blob cache's fetch unit (0: its default, 256 KiB).
 	RefillSize int64
+	// BlockSize is the blob cache's unit of presence (0: its default,
+	// 64 KiB): what a prefetched range is rounded out to.
+	BlockSize int64
 	// DeviceReadAhead is the device's readahead window in bytes (0: the
 	// device's default, 1 MiB): what one buffered miss asks the cache for.
 	DeviceReadAhead int

@@ -85,6 +85,7 @@ func runBench(b *testing.B, name string, cfg Config) {
 	defer logf.Close()
 	cfg.Logger = zerolog.New(logf).Level(zerolog.WarnLevel)
 	cfg.RefillSize = envInt(b, "OBDTRACE_COLDSTART_REFILL", 0)
+	cfg.BlockSize = envInt(b, "OBDTRACE_COLDSTART_BLOCK", 0)
 	cfg.DeviceReadAhead = int(envInt(b, "OBDTRACE_COLDSTART_DEVICE_RA", 0))
 	cfg.Replay.Workers = int(envInt(b, "OBDTRACE_COLDSTART_WORKERS", 0))
 	cfg.Replay.MergeSize = envInt(b, "OBDTRACE_COLDSTART_MERGE", 0)
@@ -98,11 +99,12 @@ func runBench(b *testing.B, name string, cfg Config) {
 		}
 	}
 	cfg.Progress = func(s Sample) {
-		b.Logf("%s round %d %-13s %6.2f s  %6.1f MB  %4d requests  demand %d (p99 %v)  prefetch hits %d late %d, %.1f MB (%.1f unused)  readahead %.1f MB (%.1f unused)",
+		b.Logf("%s round %d %-13s %6.2f s  %6.1f MB  %4d requests  demand %d (p99 %v)  prefetch hits %d late %d, %.1f MB (%.1f unused)  readahead %.1f MB (%.1f unused)  plan blocks %.1f MB, demand of them %.2f MB (%d fetches), unplanned %.2f MB",
 			name, s.Round, s.Variant, s.Start.Seconds(), float64(s.LinkBytes)/1e6, s.Requests,
 			s.Cache.DemandFetches, s.Cache.DemandP99.Round(time.Millisecond), s.Cache.PrefetchHits, s.Cache.PrefetchLate,
 			float64(s.Cache.PrefetchedByte)/1e6, float64(s.Cache.PrefetchUnused)/1e6,
-			float64(s.Cache.ReadaheadBytes)/1e6, float64(s.Cache.ReadaheadUnused)/1e6)
+			float64(s.Cache.ReadaheadBytes)/1e6, float64(s.Cache.ReadaheadUnused)/1e6,
+			float64(s.Cache.Planned)/1e6, float64(s.Cache.DemandPlanned)/1e6, s.Cache.DemandPlannedFetches, float64(s.Cache.DemandUnplanned)/1e6)
 	}
 	var res *Result
 	for range b.N {

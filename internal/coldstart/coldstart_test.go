@@ -43,6 +43,10 @@ obd_blobcache_demand_fetch_seconds_count 100
 obd_blobcache_prefetch_hits_total 7
 obd_blobcache_prefetch_late_total 3
 obd_blobcache_prefetched_bytes_total 1.048576e+06
+obd_blobcache_planned_bytes_total 2e+06
+obd_blobcache_demand_planned_bytes_total 65536
+obd_blobcache_demand_planned_fetches_total 2
+obd_blobcache_demand_unplanned_bytes_total 16384
 garbage line
 `
 	f, err := ParseMetrics(strings.NewReader(text))
@@ -50,7 +54,8 @@ garbage line
 		t.Fatal(err)
 	}
 	want := CacheFigures{DemandFetches: 100, DemandP50: 128 * time.Millisecond, DemandP99: 253440 * time.Microsecond,
-		PrefetchHits: 7, PrefetchLate: 3, PrefetchedByte: 1 << 20}
+		PrefetchHits: 7, PrefetchLate: 3, PrefetchedByte: 1 << 20,
+		Planned: 2e6, DemandPlanned: 64 << 10, DemandPlannedFetches: 2, DemandUnplanned: 16 << 10}
 	if f != want {
 		t.Fatalf("got %+v\nwant %+v", f, want)
 	}

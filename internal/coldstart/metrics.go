@@ -30,6 +30,13 @@ type CacheFigures struct {
 	PrefetchUnused  int64 // prefetched bytes no read took
 	ReadaheadBytes  int64 // fetched ahead of sequential readers by the cache
 	ReadaheadUnused int64
+	// DemandPlanned and DemandUnplanned split the demand-fetched bytes:
+	// blocks the replay plan held (its prefetch ran behind the reader) and
+	// blocks it did not; DemandPlannedFetches counts the demand fetches
+	// with any planned block.
+	DemandPlanned, DemandUnplanned int64
+	DemandPlannedFetches           int64
+	Planned                        int64 // bytes of the cache blocks the plan covers
 }
 
 // Bucket is one cumulative histogram bucket: Count observations ≤ LE.
@@ -50,6 +57,24 @@ func (m *mounted) scrape(ctx context.Context) (CacheFigures, error) {
 	}
 	defer res.Body.Close()
 	return ParseMetrics(io.LimitReader(res.Body, maxMetricsBody))
+}
+
+// counters maps the cache's metric names to the figures they fill.
+func (f *CacheFigures) counters() map[string]*int64 {
+	const p = "obd_blobcache_"
+	return map[string]*int64{
+		demandHistogram + "_count":         &f.DemandFetches,
+		p + "prefetch_hits_total":          &f.PrefetchHits,
+		p + "prefetch_late_total":          &f.PrefetchLate,
+		p + "prefetched_bytes_total":       &f.PrefetchedByte,
+		p + "prefetch_unused_bytes":        &f.PrefetchUnused,
+		p + "readahead_bytes_total":        &f.ReadaheadBytes,
+		p + "readahead_unused_bytes":       &f.ReadaheadUnused,
+		p + "planned_bytes_total":          &f.Planned,
+		p + "demand_planned_bytes_total":   &f.DemandPlanned,
+		p + "demand_unplanned_bytes_total": &f.DemandUnplanned,
+		p + "demand_planned_fetches_total": &f.DemandPlannedFetches,
+	}
 }
 
 // ParseMetrics reads the cache's figures out of a Prometheus text
@@ -75,20 +100,10 @@ func ParseMetrics(r io.Reader) (CacheFigures, error) {
 				return f, fmt.Errorf("coldstart: metrics: bucket %q: %w", line, err)
 			}
 			buckets = append(buckets, Bucket{LE: le, Count: value})
-		case demandHistogram + "_count":
-			f.DemandFetches = int64(value)
-		case "obd_blobcache_prefetch_hits_total":
-			f.PrefetchHits = int64(value)
-		case "obd_blobcache_prefetch_late_total":
-			f.PrefetchLate = int64(value)
-		case "obd_blobcache_prefetched_bytes_total":
-			f.PrefetchedByte = int64(value)
-		case "obd_blobcache_prefetch_unused_bytes":
-			f.PrefetchUnused = int64(value)
-		case "obd_blobcache_readahead_bytes_total":
-			f.ReadaheadBytes = int64(value)
-		case "obd_blobcache_readahead_unused_bytes":
-			f.ReadaheadUnused = int64(value)
+		default:
+			if field, ok := f.counters()[name]; ok {
+				*field = int64(value)
+			}
 		}
 	}
 	if err := sc.Err(); err != nil {

@@ -91,7 +91,7 @@ func (r *runner) mount(ctx context.Context, cacheDir string, o mountOptions) (*m
 	ready := make(chan backstore.State, 1)
 	m := &mounted{root: root, cancel: cancel, done: make(chan error, 1)}
 	cfg := backstore.Config{
-		Ref: r.ref, Mountpoint: root, StateRoot: filepath.Join(r.cfg.Work, "state"), CacheDir: cacheDir, CacheRefillSize: r.cfg.RefillSize,
+		Ref: r.ref, Mountpoint: root, StateRoot: filepath.Join(r.cfg.Work, "state"), CacheDir: cacheDir, CacheRefillSize: r.cfg.RefillSize, CacheBlockSize: r.cfg.BlockSize,
 		Baselayer: r.cfg.Baselayer, Registry: registry.Options{PlainHTTP: []string{r.proxy.addr}},
 		MetricsAddr: "127.0.0.1:0", StatsFile: filepath.Join(cacheDir, "stats.json"), StatsInterval: statsInterval,
 		TraceFile: o.trace, NoReplay: o.noReplay, Replay: o.replay, Logger: r.cfg.Logger,
@@ -145,7 +145,7 @@ func (m *mounted) stopStats() (backstore.Stats, error) {
 // fullFetch fills cacheDir with every layer of the image, whole: the
 // replayer's full-fetch phase run on its own, before the mount.
 func (r *runner) fullFetch(ctx context.Context, cacheDir string) error {
-	cache, err := blobcache.Open(cacheDir, blobcache.Options{RefillSize: r.cfg.RefillSize})
+	cache, err := blobcache.Open(cacheDir, blobcache.Options{RefillSize: r.cfg.RefillSize, BlockSize: r.cfg.BlockSize})
 	if err != nil {
 		return err
 	}

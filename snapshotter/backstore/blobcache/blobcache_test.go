@@ -203,7 +203,7 @@ func flipByte(t *testing.T, path string, off int64) {
 func TestCorruptBlockRefetched(t *testing.T) {
 	dir := t.TempDir()
 	m := newMemFetcher(1*mib, 6)
-	c := openCache(t, dir, Options{})
+	c := openCache(t, dir, Options{BlockSize: 64 * kib})
 	b := openBlob(t, c, m, nil)
 	all := make([]byte, len(m.data))
 	if _, err := b.ReadAt(all, 0); err != nil {
@@ -232,7 +232,7 @@ func TestCorruptBlockRefetched(t *testing.T) {
 			if err := c.Close(); err != nil {
 				t.Fatal(err)
 			}
-			c = openCache(t, dir, Options{})
+			c = openCache(t, dir, Options{BlockSize: 64 * kib})
 			b = openBlob(t, c, m, nil)
 		}
 	}
@@ -316,7 +316,7 @@ func TestDigestMismatchDetected(t *testing.T) {
 
 func TestPrefetch(t *testing.T) {
 	m := newMemFetcher(2*mib+1, 10)
-	c := openCache(t, t.TempDir(), Options{})
+	c := openCache(t, t.TempDir(), Options{BlockSize: 64 * kib})
 	b := openBlob(t, c, m, nil)
 	if err := b.Prefetch(context.Background(), 100*kib, 1*mib); err != nil {
 		t.Fatal(err)

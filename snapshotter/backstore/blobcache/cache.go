@@ -8,8 +8,9 @@
 // (a trace replay) fetches only the blocks it is asked for; while it runs,
 // a miss fetches only the blocks of its read and readahead pauses, since
 // the trace brings what start-up reads next. On a slow source (the rate
-// single fetches achieve) readahead spans and prefetch in flight shrink to
-// about 250 ms of data, so a miss never queues long behind either.
+// single fetches achieve) readahead spans shrink to about 250 ms of data
+// and prefetch in flight to about a second, one fetch beside a miss, so a
+// miss never queues long behind either.
 //
 // Layout: one sparse data file and one meta file per blob, keyed by digest
 // (<dir>/<algorithm>/<hex>.data and .meta). The meta file is the persisted
@@ -62,9 +63,12 @@ var (
 	ErrInvalidMeta    = errors.New("blobcache: invalid meta file")
 )
 
-// Defaults for the zero values of Options (upstream overlaybd's cacheConfig).
+// Defaults for the zero values of Options (upstream overlaybd's cacheConfig,
+// but for the block size: upstream's 64 KiB rounds each of a trace's small
+// ranges out to whole blocks, 24 MB of a python3 start's plan to 30 MB;
+// 16 KiB makes that 26 MB and replay 5 % faster on a 25 Mbit/s link).
 const (
-	DefaultBlockSize           = 64 << 10
+	DefaultBlockSize           = 16 << 10
 	DefaultRefillSize          = 256 << 10
 	DefaultPrefetchConcurrency = 8
 	DefaultReadahead           = 16 << 20
@@ -105,8 +109,8 @@ type Options struct {
 	// PrefetchConcurrency caps fills started by Prefetch. Keep it below the
 	// fetcher's per-host connection cap (registry: 16) so that demand reads,
 	// which are never capped here, always find a free connection. On a
-	// slow source the cache runs fewer (about 250 ms of data in flight, at
-	// least 2), and none while a demand fill is in flight.
+	// slow source the cache runs fewer (about a second of data in flight),
+	// and only one while a demand fill is in flight.
 	PrefetchConcurrency int
 	// Readahead is the largest span fetched ahead of a sequential reader
 	// (and the largest single fetch): a multiple of RefillSize up to

@@ -13,6 +13,7 @@ import (
 type fillCall struct {
 	done chan struct{}
 	err  error
+	kind fillKind // who led it; set before done closes
 }
 
 // fillKind says who asked for a fill: a read waiting for it, the
@@ -82,6 +83,29 @@ func (s *blobState) claim(need, lo, hi, w1 int64) (sp *span, wait *fillCall) {
 	return sp, nil
 }
 
+// bytes is the span's size on the link: from its first missing block to
+// its last.
+func (sp *span) bytes(s *blobState) int64 {
+	lo, hi := missingBounds(sp.missing)
+	if lo == hi {
+		return 0
+	}
+	return min((sp.first+int64(hi))*s.bs, s.size) - (sp.first+int64(lo))*s.bs
+}
+
+// missingBounds returns the index range [lo, hi) from the first missing
+// block to the last (lo == hi when none is).
+func missingBounds(missing []bool) (lo, hi int) {
+	lo, hi = 0, len(missing)
+	for lo < hi && !missing[lo] {
+		lo++
+	}
+	for hi > lo && !missing[hi-1] {
+		hi--
+	}
+	return lo, hi
+}
+
 // fillRange is what a fill may fetch: the blocks in [lo, hi) of the
 // windows before w1.
 type fillRange struct{ lo, hi, w1 int64 }
@@ -93,14 +117,21 @@ type fillRange struct{ lo, hi, w1 int64 }
 // does not wait for a fetch in flight: whoever started it will finish it.
 func (b *Blob) fill(ctx context.Context, need int64, want fillRange, kind fillKind) (int64, error) {
 	w := b.s.window(need)
-	sp, call := b.s.claim(need, want.lo, want.hi, want.w1)
-	switch {
-	case sp != nil:
-		return sp.wEnd, b.run(ctx, sp, kind)
-	case call == nil || kind == fillReadahead:
-		return w + 1, nil
+	for retried := false; ; retried = true {
+		sp, call := b.s.claim(need, want.lo, want.hi, want.w1)
+		switch {
+		case sp != nil:
+			return sp.wEnd, b.run(ctx, sp, kind)
+		case call == nil || kind == fillReadahead:
+			return w + 1, nil
+		}
+		err := b.await(ctx, call)
+		// A readahead or prefetch that failed was not this reader's
+		// request: it tries once itself, and reports its own error.
+		if err == nil || retried || kind != fillDemand || call.kind == fillDemand || ctx.Err() != nil {
+			return w + 1, err
+		}
 	}
-	return w + 1, b.await(ctx, call)
 }
 
 // await waits for a fetch another reader started.
@@ -119,6 +150,7 @@ func (b *Blob) await(ctx context.Context, call *fillCall) error {
 // the fill finds them started (and Close waits for them).
 func (b *Blob) run(ctx context.Context, sp *span, kind fillKind) error {
 	s := b.s
+	sp.call.kind = kind
 	start := time.Now()
 	if kind == fillDemand {
 		b.c.gate.demandStart()
@@ -129,6 +161,9 @@ func (b *Blob) run(ctx context.Context, sp *span, kind fillKind) error {
 		b.c.observeDemandFetch(time.Since(start))
 	}
 	if err == nil {
+		if kind == fillDemand {
+			s.countDemand(sp)
+		}
 		for k, m := range sp.missing {
 			switch i := sp.first + int64(k); {
 			case !m:
@@ -154,6 +189,27 @@ func (b *Blob) run(ctx context.Context, sp *span, kind fillKind) error {
 	return nil
 }
 
+// countDemand splits a demand fetch's bytes into those a replay plan held
+// and the rest.
+func (s *blobState) countDemand(sp *span) {
+	var planned, other int64
+	for k, m := range sp.missing {
+		i := sp.first + int64(k)
+		switch {
+		case !m:
+		case s.planned.has(i):
+			planned += s.blockLen(i)
+		default:
+			other += s.blockLen(i)
+		}
+	}
+	s.c.stats.demandPlanned.Add(planned)
+	s.c.stats.demandOther.Add(other)
+	if planned > 0 {
+		s.c.stats.demandPlannedFetches.Add(1)
+	}
+}
+
 // release unregisters a span's fetch and wakes its waiters with err.
 func (s *blobState) release(sp *span, err error) {
 	s.mu.Lock()
@@ -172,13 +228,7 @@ func (s *blobState) release(sp *span, err error) {
 // makes them durable and only then records them on disk.
 func (b *Blob) fetchSpan(ctx context.Context, first int64, missing []bool) error {
 	s := b.s
-	lo, hi := 0, len(missing)
-	for !missing[lo] {
-		lo++
-	}
-	for !missing[hi-1] {
-		hi--
-	}
+	lo, hi := missingBounds(missing)
 	off := (first + int64(lo)) * s.bs
 	end := min((first+int64(hi))*s.bs, s.size)
 	bufp := b.c.getSpan(end - off)

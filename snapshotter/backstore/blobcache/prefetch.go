@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -12,9 +13,9 @@ import (
 // are small, and window-sized fills cost nearly twice their bytes), one
 // window's worth per request, and returns when they are on disk. At most
 // Options.PrefetchConcurrency prefetch fetches run at once across the
-// cache (fewer on a slow source: about 250 ms of data in flight), and none
-// starts while a demand read is fetching, so a miss shares the link only
-// with the few prefetch fetches already under way. Callers order
+// cache, no more bytes than about a second of data (on a slow source), and
+// only one while a demand read is fetching, so a miss shares the link with
+// few prefetch fetches. Callers order
 // and parallelise their own prefetch queues (the replayer runs several
 // Prefetch calls at once), and should not prefetch more than MaxBytes
 // ahead: prefetched blocks are not protected from eviction until read.
@@ -46,15 +47,18 @@ func (b *Blob) Prefetch(ctx context.Context, off, n int64) error {
 			continue
 		}
 		tries++
-		if err := b.c.gate.acquire(ctx, ticket, b.c.prefetchLimit); err != nil {
+		if err := b.c.gate.acquire(ctx, ticket, b.c.opts.PrefetchConcurrency, b.c.prefetchBudget); err != nil {
 			return err
 		}
 		sp, call := s.claim(need, lo, hi, w+1)
 		var err error
+		var n int64
 		if sp != nil {
+			n = sp.bytes(s)
+			b.c.gate.addBytes(n)
 			err = b.run(ctx, sp, fillPrefetch)
 		}
-		b.c.gate.release(ticket)
+		b.c.gate.release(ticket, n)
 		if call != nil {
 			err = b.await(ctx, call)
 		}
@@ -63,6 +67,22 @@ func (b *Blob) Prefetch(ctx context.Context, off, n int64) error {
 		}
 	}
 	return nil
+}
+
+// Expect tells the cache that a replay plan will prefetch [off, off+n):
+// a demand fetch of those blocks then counts as the prefetch running
+// behind the reader (Stats.DemandPlannedBytes), any other as a read the
+// plan does not know (Stats.DemandUnplannedBytes). It fetches nothing.
+func (b *Blob) Expect(off, n int64) {
+	s := b.s
+	if off < 0 || n <= 0 || off >= s.size {
+		return
+	}
+	end := min(off+min(n, s.size-off), s.size)
+	var unused atomic.Int64 // planned blocks are never unmarked
+	for i := off / s.bs; i <= (end-1)/s.bs; i++ {
+		s.planned.mark(i, s.blockLen(i), &s.c.stats.planned, &unused)
+	}
 }
 
 // firstMissing returns the first block of window w within [lo, hi) that is
@@ -77,12 +97,15 @@ func (s *blobState) firstMissing(w, lo, hi int64) int64 {
 	return -1
 }
 
-// prefetchGate admits prefetch fetches: at most limit at once, and while
-// a demand fetch is in flight only prefetchBesideDemand, since on a slow
-// link every prefetch byte in flight delays a miss that shares it (none at
-// all starves the replay: a start-up that misses keeps one demand fetch in
-// flight most of the time, and alone it leaves the link idle for a round
-// trip per fetch).
+// prefetchGate admits prefetch fetches: at most limit at once and, on a
+// slow source, while fewer bytes than about prefetchHorizon of data are in
+// flight (a link of 25 Mbit/s and 40 ms round trips needs several small
+// fetches in flight to stay busy: each spends a round trip before its
+// first byte); while a demand fetch is in flight, only
+// prefetchBesideDemand, since every prefetch byte on the link delays a
+// miss that shares it (none at all starves the replay: a start-up that
+// misses keeps one demand fetch in flight much of the time, and alone it
+// leaves the link idle for a round trip per fetch).
 //
 // Waiters are admitted in the order their Prefetch calls began (ticket
 // order), not at random: a replayer's workers call Prefetch in the trace's
@@ -91,6 +114,7 @@ type prefetchGate struct {
 	mu      sync.Mutex
 	demand  int             // demand fetches in flight
 	running int             // prefetch fetches in flight
+	bytes   int64           // their bytes
 	next    uint64          // the next Prefetch call's ticket
 	waiting map[uint64]bool // tickets of calls between fetches
 	changed chan struct{}   // closed (and replaced) when a count drops
@@ -116,17 +140,20 @@ func (g *prefetchGate) leave(ticket uint64) {
 	g.mu.Unlock()
 }
 
-// acquire waits until ticket is the oldest call waiting and fewer than
-// limit() prefetch fetches are in flight (fewer than prefetchBesideDemand
-// while a demand fetch is), and takes a place.
-func (g *prefetchGate) acquire(ctx context.Context, ticket uint64, limit func() int) error {
+// acquire waits until ticket is the oldest call waiting, fewer than limit
+// prefetch fetches are in flight (fewer than prefetchBesideDemand while a
+// demand fetch is) and fewer bytes than budget() (0: no bound), and takes
+// a place. The fetch's bytes are known only once it has claimed its
+// blocks (addBytes), so the budget can be passed by one fetch.
+func (g *prefetchGate) acquire(ctx context.Context, ticket uint64, limit int, budget func() int64) error {
 	for {
 		g.mu.Lock()
-		n := limit()
+		n := limit
 		if g.demand > 0 {
 			n = min(n, prefetchBesideDemand)
 		}
-		if g.running < n && g.oldest() == ticket {
+		room := g.bytes < budget() || budget() == 0
+		if g.running < n && room && g.oldest() == ticket {
 			g.running++
 			delete(g.waiting, ticket)
 			g.wake() // the next oldest may go too
@@ -143,6 +170,13 @@ func (g *prefetchGate) acquire(ctx context.Context, ticket uint64, limit func() 
 	}
 }
 
+// addBytes counts n bytes of an admitted fetch as in flight.
+func (g *prefetchGate) addBytes(n int64) {
+	g.mu.Lock()
+	g.bytes += n
+	g.mu.Unlock()
+}
+
 // oldest is the smallest ticket waiting. Caller holds mu.
 func (g *prefetchGate) oldest() uint64 {
 	first := true
@@ -155,11 +189,13 @@ func (g *prefetchGate) oldest() uint64 {
 	return m
 }
 
-// release gives back a place; the call waits again under its ticket.
-func (g *prefetchGate) release(ticket uint64) {
+// release gives back a place and the n bytes its fetch counted; the call
+// waits again under its ticket.
+func (g *prefetchGate) release(ticket uint64, n int64) {
 	g.mu.Lock()
 	g.waiting[ticket] = true
 	g.running--
+	g.bytes -= n
 	g.wake()
 	g.mu.Unlock()
 }
@@ -184,26 +220,24 @@ func (g *prefetchGate) wake() {
 }
 
 // prefetchHorizon bounds the prefetch bytes in flight to what single
-// fetches move in this time: a demand miss queues behind them on the link.
-const prefetchHorizon = 250 * time.Millisecond
+// fetches move in this time. A quarter of a second (what the readahead
+// keeps) left a 25 Mbit/s link idle a fifth of a replay, the prefetch
+// behind the start-up it was for; a second keeps it busy, and a miss
+// still shares the link with only the fetches under way when it began.
+const prefetchHorizon = time.Second
 
-// minPrefetchFetches keeps a slow link busy: one fetch's round trip is
-// covered by the others' transfers.
-const minPrefetchFetches = 3
-
-// prefetchBesideDemand is how many prefetch fetches run while a demand
+// prefetchBesideDemand is how many prefetch fetches start while a demand
 // fetch is in flight: one keeps the link busy through the miss's round
 // trip and takes half the link from it at most.
 const prefetchBesideDemand = 1
 
-// prefetchLimit is how many prefetch fetches may run at once: about
-// prefetchHorizon of data at the rate single fetches achieve, in refill
-// windows, between minPrefetchFetches and Options.PrefetchConcurrency
-// (which applies alone until a rate is known).
-func (c *Cache) prefetchLimit() int {
-	n := c.opts.PrefetchConcurrency
-	if bps := c.rate.bytesPerSecond(); bps > 0 {
-		n = min(n, max(minPrefetchFetches, int(float64(bps)*prefetchHorizon.Seconds())/int(c.opts.RefillSize)))
+// prefetchBudget is the prefetch bytes that may be in flight: about
+// prefetchHorizon of data at the rate single fetches achieve, at least a
+// refill window; 0 (no bound) until a rate is known.
+func (c *Cache) prefetchBudget() int64 {
+	bps := c.rate.bytesPerSecond()
+	if bps <= 0 {
+		return 0
 	}
-	return n
+	return max(c.opts.RefillSize, int64(float64(bps)*prefetchHorizon.Seconds()))
 }

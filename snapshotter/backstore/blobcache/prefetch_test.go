@@ -15,7 +15,7 @@ func TestDemandMissBesidePrefetchedBlock(t *testing.T) {
 	m := newMemFetcher(1*mib, 21)
 	release := make(chan struct{})
 	holdFetches(m, func(off int64) bool { return off == 0 }, release) // the prefetch of block 0
-	c := openCache(t, t.TempDir(), Options{})
+	c := openCache(t, t.TempDir(), Options{BlockSize: 64 * kib})
 	b := openBlob(t, c, m, nil)
 	done := make(chan error, 1)
 	go func() { done <- b.Prefetch(context.Background(), 0, 100) }()
@@ -123,7 +123,7 @@ func TestDemandNarrowDuringPrefetch(t *testing.T) {
 	m := newMemFetcher(2*mib, 23)
 	release := make(chan struct{})
 	holdFetches(m, func(off int64) bool { return off >= 1*mib }, release) // the prefetch
-	c := openCache(t, t.TempDir(), Options{})
+	c := openCache(t, t.TempDir(), Options{BlockSize: 64 * kib})
 	b := openBlob(t, c, m, nil)
 	done := make(chan error, 1)
 	go func() { done <- b.Prefetch(context.Background(), 1*mib, 64*kib) }()
@@ -150,19 +150,19 @@ func TestDemandNarrowDuringPrefetch(t *testing.T) {
 }
 
 // TestRateBoundsPrefetchAndReadahead: on a slow source, prefetch in flight
-// and readahead spans shrink to about 250 ms of data; on a fast one the
-// options apply.
+// shrinks to about a second of data and readahead spans to about 250 ms;
+// on a fast one the options apply.
 func TestRateBoundsPrefetchAndReadahead(t *testing.T) {
 	c := openCache(t, t.TempDir(), Options{PrefetchConcurrency: 8})
-	if got := c.prefetchLimit(); got != 8 {
-		t.Errorf("no rate known: limit %d, want 8", got)
+	if got := c.prefetchBudget(); got != 0 {
+		t.Errorf("no rate known: prefetch budget %d, want none", got)
 	}
 	if got := c.maxReadahead(); got != DefaultReadahead {
 		t.Errorf("no rate known: readahead %d", got)
 	}
 	c.rate.observe(3_000_000, time.Second) // 25 Mbit/s or so
-	if got := c.prefetchLimit(); got != minPrefetchFetches {
-		t.Errorf("3 MB/s: limit %d, want %d", got, minPrefetchFetches)
+	if got := c.prefetchBudget(); got != 3_000_000 {
+		t.Errorf("3 MB/s: prefetch budget %d, want 3 MB (1 s)", got)
 	}
 	if got := c.maxReadahead(); got != 512*kib {
 		t.Errorf("3 MB/s: readahead %d, want 512 KiB (750 KB in whole windows)", got)
@@ -170,8 +170,8 @@ func TestRateBoundsPrefetchAndReadahead(t *testing.T) {
 	for range 40 { // each sample moves the average by a quarter of the gap
 		c.rate.observe(1<<30, time.Second)
 	}
-	if got := c.prefetchLimit(); got != 8 {
-		t.Errorf("1 GB/s: limit %d, want 8", got)
+	if got := c.prefetchBudget(); got < 1<<29 {
+		t.Errorf("1 GB/s: prefetch budget %d, want about 1 GB", got)
 	}
 	if got := c.maxReadahead(); got != DefaultReadahead {
 		t.Errorf("1 GB/s: readahead %d", got)
@@ -179,5 +179,76 @@ func TestRateBoundsPrefetchAndReadahead(t *testing.T) {
 	c.rate.observe(100, time.Second) // too small to learn from
 	if got := c.rate.bytesPerSecond(); got < 1<<29 {
 		t.Errorf("a small fetch moved the estimate to %d", got)
+	}
+}
+
+// TestPrefetchGateBudget: a fetch is admitted while the bytes in flight
+// are under the budget and within the count limit, one beside a demand
+// fetch, and a waiter goes once a release makes room.
+func TestPrefetchGateBudget(t *testing.T) {
+	g := newPrefetchGate()
+	ctx := context.Background()
+	budget := func() int64 { return 100 }
+	t1, t2 := g.enter(), g.enter()
+	if err := g.acquire(ctx, t1, 8, budget); err != nil {
+		t.Fatal(err)
+	}
+	g.addBytes(150) // one fetch may pass the budget
+	short, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel()
+	if err := g.acquire(short, t2, 8, budget); err == nil {
+		t.Fatal("admitted with 150 bytes in flight against a budget of 100")
+	}
+	g.release(t1, 150)
+	g.leave(t1) // its Prefetch call ends
+	if err := g.acquire(ctx, t2, 8, budget); err != nil {
+		t.Fatalf("after the release: %v", err)
+	}
+	g.addBytes(10)
+	g.demandStart() // one prefetch fetch runs beside it already
+	t3 := g.enter()
+	short2, cancel2 := context.WithTimeout(ctx, 20*time.Millisecond)
+	defer cancel2()
+	if err := g.acquire(short2, t3, 8, budget); err == nil {
+		t.Fatal("a second prefetch fetch was admitted beside a demand fetch")
+	}
+	g.demandEnd()
+	if err := g.acquire(ctx, t3, 8, budget); err != nil {
+		t.Fatalf("after the demand fetch: %v", err)
+	}
+}
+
+// TestDemandPlannedSplit: demand fetches of blocks a plan announced
+// (Expect) count as planned, others as unplanned, by the bytes fetched;
+// Expect itself fetches nothing.
+func TestDemandPlannedSplit(t *testing.T) {
+	m := newMemFetcher(1*mib, 29)
+	c := openCache(t, t.TempDir(), Options{BlockSize: 64 * kib})
+	b := openBlob(t, c, m, nil)
+	b.Expect(100*kib, 100*kib) // blocks 1-3
+	b.Expect(-1, 10)           // ignored
+	if st := c.Stats(); st.PlannedBytes != 192*kib || st.Fetches != 0 {
+		t.Fatalf("after Expect: planned %d bytes (want 192 KiB), %d fetches", st.PlannedBytes, st.Fetches)
+	}
+	// Held open, a Prefetch makes the reads below fetch only their own
+	// blocks, so each fetch is one block.
+	release := make(chan struct{})
+	holdFetches(m, func(off int64) bool { return off >= 768*kib }, release)
+	done := make(chan error, 1)
+	go func() { done <- b.Prefetch(context.Background(), 768*kib, 64*kib) }()
+	waitFor(t, func() bool { return m.calls.Load() == 1 })
+	for _, off := range []int64{130 * kib, 500 * kib} { // block 2 (planned), block 7
+		if _, err := b.ReadAt(make([]byte, 4096), off); err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	st := c.Stats()
+	if st.DemandPlannedBytes != 64*kib || st.DemandPlannedFetches != 1 || st.DemandUnplannedBytes != 64*kib {
+		t.Errorf("planned %d bytes in %d fetches, unplanned %d: want 64 KiB in 1, 64 KiB",
+			st.DemandPlannedBytes, st.DemandPlannedFetches, st.DemandUnplannedBytes)
 	}
 }

@@ -284,6 +284,9 @@ func (f blockFlags) mark(i, n int64, total, unused *atomic.Int64) {
 	}
 }
 
+// has reports whether block i is flagged.
+func (f blockFlags) has(i int64) bool { return f[i/64].Load()&(1<<(i%64)) != 0 }
+
 // unmark clears block i's flag and reports whether it was set (then its n
 // bytes leave unused).
 func (f blockFlags) unmark(i, n int64, unused *atomic.Int64) bool {

@@ -38,7 +38,11 @@ type blobState struct {
 	prefetched blockFlags
 	// ahead marks blocks the sequential readahead fetched that no read
 	// has asked for yet (in memory only, like prefetched).
-	ahead    blockFlags
+	ahead blockFlags
+	// planned marks blocks a replay plan will prefetch (Expect), so that a
+	// demand fetch can tell a prefetch running behind the reader from a
+	// read the plan does not know. In memory only.
+	planned  blockFlags
 	streams  streams
 	crcs     []atomic.Uint32 // one per 4 KiB page
 	ref      []atomic.Uint64 // CLOCK referenced bit per window
@@ -67,6 +71,7 @@ func (c *Cache) newState(dgst digest.Digest, size int64, data, meta *os.File) *b
 		present:    make([]atomic.Uint64, (n+63)/64),
 		prefetched: newBlockFlags(n),
 		ahead:      newBlockFlags(n),
+		planned:    newBlockFlags(n),
 		crcs:       make([]atomic.Uint32, numBlocks(size, pageSize)),
 		ref:        make([]atomic.Uint64, (nwin+63)/64),
 		inflight:   make(map[int64]*fillCall),

@@ -18,6 +18,9 @@ type counters struct {
 	prefetchHits, prefetchLate atomic.Int64
 	readahead, readaheadUnused atomic.Int64
 	readaheadHits              atomic.Int64
+	planned                    atomic.Int64
+	demandPlanned, demandOther atomic.Int64
+	demandPlannedFetches       atomic.Int64
 }
 
 type blobCounters struct {
@@ -60,6 +63,16 @@ type Stats struct {
 	ReadaheadBytes       int64
 	ReadaheadHits        int64
 	ReadaheadUnusedBytes int64
+	// PlannedBytes are the blocks replay plans announced (Blob.Expect).
+	// Of the bytes demand fetches brought, DemandPlannedBytes were
+	// planned (the prefetch had not got them yet: it ran behind the
+	// reader) and DemandUnplannedBytes were not (reads the plan does not
+	// know, or no plan); DemandPlannedFetches counts the demand fetches
+	// with any planned block.
+	PlannedBytes         int64
+	DemandPlannedBytes   int64
+	DemandUnplannedBytes int64
+	DemandPlannedFetches int64
 }
 
 // Stats returns a snapshot of the cache's counters.
@@ -76,6 +89,8 @@ func (c *Cache) Stats() Stats {
 		PrefetchLate: c.stats.prefetchLate.Load(), PrefetchUnusedBytes: c.stats.prefetchUnused.Load(),
 		ReadaheadBytes: c.stats.readahead.Load(), ReadaheadHits: c.stats.readaheadHits.Load(),
 		ReadaheadUnusedBytes: c.stats.readaheadUnused.Load(),
+		PlannedBytes:         c.stats.planned.Load(), DemandPlannedBytes: c.stats.demandPlanned.Load(),
+		DemandUnplannedBytes: c.stats.demandOther.Load(), DemandPlannedFetches: c.stats.demandPlannedFetches.Load(),
 	}
 }
 
@@ -146,6 +161,10 @@ func newMetrics() metrics {
 			d("readahead_bytes_total", "Bytes fetched ahead of sequential readers.", c, func(s Stats) float64 { return float64(s.ReadaheadBytes) }),
 			d("readahead_hits_total", "Blocks a read took from readahead.", c, func(s Stats) float64 { return float64(s.ReadaheadHits) }),
 			d("readahead_unused_bytes", "Read-ahead bytes no read has asked for (yet).", g, func(s Stats) float64 { return float64(s.ReadaheadUnusedBytes) }),
+			d("planned_bytes_total", "Bytes replay plans announced for prefetch.", c, func(s Stats) float64 { return float64(s.PlannedBytes) }),
+			d("demand_planned_bytes_total", "Demand-fetched bytes a replay plan held (its prefetch ran behind the reader).", c, func(s Stats) float64 { return float64(s.DemandPlannedBytes) }),
+			d("demand_unplanned_bytes_total", "Demand-fetched bytes no replay plan held.", c, func(s Stats) float64 { return float64(s.DemandUnplannedBytes) }),
+			d("demand_planned_fetches_total", "Demand fetches with a block a replay plan held.", c, func(s Stats) float64 { return float64(s.DemandPlannedFetches) }),
 			d("max_bytes", "Configured bound on cached data (0 = none).", g, func(s Stats) float64 { return float64(s.MaxBytes) }),
 		},
 	}

@@ -148,8 +148,15 @@ func DefaultTuning() Tuning {
 		KeepCache:     true,
 		CacheTimeout:  24 * time.Hour,
 		MaxRead:       1 << 20,
-		ReadAhead:     1 << 20,
-		Passthrough:   true,
+		// The kernel's 128 KiB, not 1 MiB: the FUSE file's readahead is
+		// below the loop device, so on a cold image every byte it reads
+		// past the application's is a registry fetch no trace knows of
+		// (a cold python3 start through 25 Mbit/s: 2-4 MB more, 5-7 %
+		// slower with replay). Warm sequential reads, from the FUSE page
+		// cache, do not change; cold ones from a cached blob are slower
+		// (docs/benchmarks.md, cold start).
+		ReadAhead:   128 << 10,
+		Passthrough: true,
 	}
 }
 
