@@ -135,7 +135,7 @@ func benchVariants() []benchVariant {
 		{name: "loop-dio", tuning: tun(func(t *Tuning) { t.LoopDirectIO = true })},
 		{name: "bs512", tuning: tun(func(t *Tuning) { t.LoopBlockSize = 512 })},
 		{name: "max-read-128k", tuning: tun(func(t *Tuning) { t.MaxRead = 128 << 10 })},
-		{name: "readahead-128k", tuning: tun(func(t *Tuning) { t.ReadAhead = 0 })},
+		{name: "readahead-1m", tuning: tun(func(t *Tuning) { t.ReadAhead = 1 << 20 })}, // the default until 2026-11-23
 		{name: "readahead-4m", tuning: tun(func(t *Tuning) { t.ReadAhead = 4 << 20 })},
 		{name: "sync-read", tuning: tun(func(t *Tuning) { t.SyncRead = true })},
 		{name: "sync-read-loop-dio", tuning: tun(func(t *Tuning) { t.SyncRead, t.LoopDirectIO = true, true })},
