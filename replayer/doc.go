@@ -9,6 +9,8 @@
 // The replayer never reads the device. It only asks the cache to make
 // ranges local; demand reads stay ahead of it because the cache caps
 // prefetch fills below the registry's connection limit, never caps demand,
-// starts no prefetch fetch while a demand fetch is in flight, and fetches
-// only the blocks a range covers.
+// starts only one prefetch fetch beside a demand fetch in flight, and
+// fetches only the blocks a range covers. While the trace phase runs the
+// cache knows the plan (Expecter) and pauses its own readahead; the
+// full-fetch phase does not pause it.
 package replayer

@@ -24,9 +24,14 @@ type Prefetcher interface {
 
 // Expecter is implemented by a Prefetcher that wants to know the whole
 // plan before the prefetching starts (*blobcache.Blob does, to tell a
-// prefetch running behind the reader from a read the plan does not know).
+// prefetch running behind the reader from a read the plan does not know,
+// and to hold its own readahead back while the trace brings what the
+// reader needs). Run calls Expect for every range of the blob before the
+// trace phase and EndExpect once when the trace phase ends (done,
+// failed or cancelled), before any full fetch.
 type Expecter interface {
 	Expect(off, n int64)
+	EndExpect()
 }
 
 // Layer is one layer of the mounted image, listed bottom first as the

@@ -116,12 +116,7 @@ func (p *Plan) Run(ctx context.Context, layers []Layer, opts Options, stats *Sta
 		close(queue)
 		wg.Wait()
 	}
-	for _, r := range p.Ranges {
-		if e, ok := layers[r.Layer].Blob.(Expecter); ok {
-			e.Expect(r.Start, r.End-r.Start)
-		}
-	}
-	run(p.Ranges, opts.Workers, opts.BytesPerSecond, &stats.Bytes)
+	p.traceOnly(layers, func() { run(p.Ranges, opts.Workers, opts.BytesPerSecond, &stats.Bytes) })
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
@@ -135,6 +130,27 @@ func (p *Plan) Run(ctx context.Context, layers []Layer, opts Options, stats *Sta
 	}
 	stats.FullDone.Store(max(1, int64(time.Since(begin))))
 	return nil
+}
+
+// traceOnly runs the trace phase f between telling each layer's cache the
+// plan (Expect) and ending it (EndExpect), so the full fetch that may
+// follow counts as no trace replay.
+func (p *Plan) traceOnly(layers []Layer, f func()) {
+	told := make([]bool, len(layers)) // by layer: an Expecter need not be comparable
+	for _, r := range p.Ranges {
+		if e, ok := layers[r.Layer].Blob.(Expecter); ok {
+			e.Expect(r.Start, r.End-r.Start)
+			told[r.Layer] = true
+		}
+	}
+	defer func() {
+		for i, ok := range told {
+			if ok {
+				layers[i].Blob.(Expecter).EndExpect()
+			}
+		}
+	}()
+	f()
 }
 
 // fullFetchRanges cuts every layer's blob into chunks, top layer first:

@@ -75,7 +75,7 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 	// brings what the start-up reads next, and the rest of a window would
 	// be bytes on the link ahead of it.
 	want := fillRange{lo: 0, hi: s.nblocks, w1: s.window((end-1)/s.bs) + 1}
-	if b.c.prefetching.Load() > 0 {
+	if b.c.tracing.Load() > 0 {
 		want.lo, want.hi = off/s.bs, (end-1)/s.bs+1
 	}
 	sequential := b.c.readaheadOn() && !s.complete.Load()

@@ -1,13 +1,14 @@
 // Package blobcache is the block backstore's on-disk cache of registry blobs.
 // It serves random reads of a blob from a local sparse file and fetches what
 // it lacks through a Fetcher (the registry) in aligned refill windows
-// (default 256 KiB) around the missing blocks (default 64 KiB): one GET
+// (default 256 KiB) around the missing blocks (default 16 KiB): one GET
 // covers the windows a read misses, and sequential readers get readahead
 // in spans that double up to 16 MiB (readahead.go), because a registry's
 // per-request latency, not its bandwidth, bounds small fetches. Prefetch
-// (a trace replay) fetches only the blocks it is asked for; while it runs,
-// a miss fetches only the blocks of its read and readahead pauses, since
-// the trace brings what start-up reads next. On a slow source (the rate
+// (a trace replay) fetches only the blocks it is asked for; while a trace
+// replay runs (Expect to EndExpect), a miss fetches only the blocks of its
+// read and readahead pauses, since the trace brings what start-up reads
+// next. On a slow source (the rate
 // single fetches achieve) readahead spans shrink to about 250 ms of data
 // and prefetch in flight to about a second, one fetch beside a miss, so a
 // miss never queues long behind either.
@@ -24,10 +25,11 @@
 //
 // Concurrency: hits take no lock; misses on a block being fetched wait for
 // that fetch. Prefetch fills are capped (Options.PrefetchConcurrency),
-// fetch only the blocks asked for, and do not start while a demand fill is
-// in flight; demand fills are never capped, so demand reads never queue
-// behind prefetch (they share the link only with prefetch already under
-// way).
+// fetch only the blocks asked for, and only one starts while a demand fill
+// is in flight (none would leave the link idle for the miss's round trip);
+// demand fills are never capped, so demand reads never queue behind
+// prefetch (they share the link only with prefetch already under way and
+// that one).
 //
 // Eviction: when MaxBytes is set, cached data is kept under it by a CLOCK
 // (second-chance) sweep over the refill windows of all blobs, an
@@ -117,7 +119,8 @@ type Options struct {
 	// 64 MiB; it starts at four times the reader's request and doubles.
 	// Negative turns readahead off, and every fetch is then one window.
 	// With MaxBytes set it is also held to MaxBytes/8, and on a slow
-	// source to about 250 ms of data; it pauses while Prefetch runs.
+	// source to about 250 ms of data; it pauses during a trace replay
+	// (Blob.Expect to Blob.EndExpect).
 	Readahead int64
 }
 
@@ -163,11 +166,13 @@ type Cache struct {
 
 	used atomic.Int64 // bytes of cached blocks, all blobs
 	gate prefetchGate // admits prefetch fetches
-	// prefetching counts Prefetch calls under way; readahead pauses
-	// while there are any.
-	prefetching atomic.Int64
-	rate        rateEstimate   // of single fetches; bounds the readahead
-	background  sync.WaitGroup // digest checks, mark flushers, readahead
+	// tracing counts blobs in a trace replay (Expect to EndExpect);
+	// readahead pauses and misses fetch only their own blocks while there
+	// are any. A replayer's full fetch of whole blobs does not count: it
+	// brings nothing the reader needs sooner than its own misses do.
+	tracing    atomic.Int64
+	rate       rateEstimate   // of single fetches; bounds the readahead
+	background sync.WaitGroup // digest checks, mark flushers, readahead
 	// bgCtx bounds readahead fetches; Close cancels it.
 	bgCtx     context.Context
 	bgStop    context.CancelFunc

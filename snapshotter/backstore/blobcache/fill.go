@@ -165,6 +165,11 @@ func (b *Blob) run(ctx context.Context, sp *span, kind fillKind) error {
 			s.countDemand(sp)
 		}
 		for k, m := range sp.missing {
+			if m {
+				// Fetched: a later demand fetch of it (after eviction)
+				// is no longer the plan's prefetch running behind.
+				s.planned.clear(sp.first + int64(k))
+			}
 			switch i := sp.first + int64(k); {
 			case !m:
 			case kind == fillPrefetch:

@@ -15,10 +15,10 @@ import (
 // Options.PrefetchConcurrency prefetch fetches run at once across the
 // cache, no more bytes than about a second of data (on a slow source), and
 // only one while a demand read is fetching, so a miss shares the link with
-// few prefetch fetches. Callers order
-// and parallelise their own prefetch queues (the replayer runs several
-// Prefetch calls at once), and should not prefetch more than MaxBytes
-// ahead: prefetched blocks are not protected from eviction until read.
+// few prefetch fetches. Callers order and parallelise their own prefetch
+// queues (the replayer runs several Prefetch calls at once), and should
+// not prefetch more than MaxBytes ahead: prefetched blocks are not
+// protected from eviction until read.
 func (b *Blob) Prefetch(ctx context.Context, off, n int64) error {
 	s := b.s
 	if off < 0 || n < 0 {
@@ -32,56 +32,111 @@ func (b *Blob) Prefetch(ctx context.Context, off, n int64) error {
 		return nil
 	}
 	lo, hi := off/s.bs, (end-1)/s.bs+1
-	// The trace knows what the reader will need: while it is being
-	// fetched, sequential readahead would only compete with it.
-	b.c.prefetching.Add(1)
-	defer b.c.prefetching.Add(-1)
 	ticket := b.c.gate.enter()
 	defer b.c.gate.leave(ticket)
-	// Each window is tried a bounded number of times: a block can lose a
-	// race with eviction, or with a fetch that failed for its reader.
-	for w, tries := s.window(lo), 0; w <= s.window(hi-1); {
-		need := s.firstMissing(w, lo, hi)
-		if need < 0 || tries == maxBlockAttempts {
-			w, tries = w+1, 0
-			continue
-		}
-		tries++
-		if err := b.c.gate.acquire(ctx, ticket, b.c.opts.PrefetchConcurrency, b.c.prefetchBudget); err != nil {
-			return err
-		}
-		sp, call := s.claim(need, lo, hi, w+1)
-		var err error
-		var n int64
-		if sp != nil {
-			n = sp.bytes(s)
-			b.c.gate.addBytes(n)
-			err = b.run(ctx, sp, fillPrefetch)
-		}
-		b.c.gate.release(ticket, n)
-		if call != nil {
-			err = b.await(ctx, call)
-		}
-		if err != nil {
+	for w := s.window(lo); w <= s.window(hi-1); w++ {
+		if err := b.prefetchWindow(ctx, ticket, w, lo, hi); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
+// prefetchWindow fetches the missing blocks of window w within [lo, hi).
+// It tries a bounded number of times: a block can lose a race with
+// eviction, or with another fetch that failed for its own reason (its
+// reader gave up, say), and then this call fetches it itself.
+func (b *Blob) prefetchWindow(ctx context.Context, ticket uint64, w, lo, hi int64) error {
+	s := b.s
+	var last error
+	for tries := 0; ; tries++ {
+		need := s.firstMissing(w, lo, hi)
+		if need < 0 {
+			return nil
+		}
+		if tries == maxBlockAttempts {
+			if last == nil { // lost to eviction each time
+				return fmt.Errorf("%w: %s: prefetch of block %d still missing after %d tries", ErrFetch, s.dgst, need, tries)
+			}
+			return fmt.Errorf("%w: %s: prefetch of block %d still missing after %d tries: %w", ErrFetch, s.dgst, need, tries, last)
+		}
+		reserve := s.windowSpanBytes(w, lo, hi)
+		if err := b.c.gate.acquire(ctx, ticket, b.c.opts.PrefetchConcurrency, b.c.prefetchBudget, reserve); err != nil {
+			return err
+		}
+		sp, call := s.claim(need, lo, hi, w+1)
+		var n int64
+		var err error
+		if sp != nil {
+			n = sp.bytes(s)
+			b.c.gate.addBytes(n - reserve)
+			reserve = n
+			err = b.run(ctx, sp, fillPrefetch)
+		}
+		// Out of the waiting line while awaiting another's fetch, so
+		// that fetch (a demand read's, maybe hung) holds back no other
+		// Prefetch; back in, under the same ticket, at the next acquire.
+		b.c.gate.release(reserve)
+		if err != nil {
+			return err
+		}
+		if call == nil {
+			continue
+		}
+		if err := b.await(ctx, call); err != nil {
+			if ctx.Err() != nil {
+				return err
+			}
+			last = err
+		}
+	}
+}
+
+// windowSpanBytes is the most a prefetch claim of window w within
+// [lo, hi) can fetch: the bytes of those of its blocks.
+func (s *blobState) windowSpanBytes(w, lo, hi int64) int64 {
+	first, end := s.windowBlocks(w)
+	first, end = max(first, lo), min(end, hi)
+	if first >= end {
+		return 0
+	}
+	return min(end*s.bs, s.size) - first*s.bs
+}
+
 // Expect tells the cache that a replay plan will prefetch [off, off+n):
 // a demand fetch of those blocks then counts as the prefetch running
 // behind the reader (Stats.DemandPlannedBytes), any other as a read the
 // plan does not know (Stats.DemandUnplannedBytes). It fetches nothing.
+// From the first Expect until EndExpect the blob is in a trace replay:
+// the cache's sequential readahead pauses and misses fetch only their own
+// blocks, since the trace brings what the start-up reads next.
 func (b *Blob) Expect(off, n int64) {
 	s := b.s
+	if s.planning.CompareAndSwap(false, true) {
+		b.c.tracing.Add(1)
+	}
 	if off < 0 || n <= 0 || off >= s.size {
 		return
 	}
 	end := min(off+min(n, s.size-off), s.size)
-	var unused atomic.Int64 // planned blocks are never unmarked
+	var unused atomic.Int64 // the planned bytes not fetched yet are not kept
 	for i := off / s.bs; i <= (end-1)/s.bs; i++ {
 		s.planned.mark(i, s.blockLen(i), &s.c.stats.planned, &unused)
+	}
+}
+
+// EndExpect ends the trace replay Expect began: readahead resumes and the
+// plan's marks are dropped, so a later demand fetch of a block the plan
+// never got counts as unplanned. Replays of one blob that overlap share
+// its marks: the first to end drops them.
+func (b *Blob) EndExpect() {
+	s := b.s
+	if !s.planning.CompareAndSwap(true, false) {
+		return
+	}
+	b.c.tracing.Add(-1)
+	for k := range s.planned {
+		s.planned[k].Store(0)
 	}
 }
 
@@ -116,7 +171,7 @@ type prefetchGate struct {
 	running int             // prefetch fetches in flight
 	bytes   int64           // their bytes
 	next    uint64          // the next Prefetch call's ticket
-	waiting map[uint64]bool // tickets of calls between fetches
+	waiting map[uint64]bool // tickets of calls not fetching or awaiting a fetch
 	changed chan struct{}   // closed (and replaced) when a count drops
 }
 
@@ -143,9 +198,13 @@ func (g *prefetchGate) leave(ticket uint64) {
 // acquire waits until ticket is the oldest call waiting, fewer than limit
 // prefetch fetches are in flight (fewer than prefetchBesideDemand while a
 // demand fetch is) and fewer bytes than budget() (0: no bound), and takes
-// a place. The fetch's bytes are known only once it has claimed its
-// blocks (addBytes), so the budget can be passed by one fetch.
-func (g *prefetchGate) acquire(ctx context.Context, ticket uint64, limit int, budget func() int64) error {
+// a place with reserve bytes, the most its fetch can claim (addBytes
+// corrects them once it has), so the budget is passed by one fetch at
+// most: the next waiter sees them before it is woken.
+func (g *prefetchGate) acquire(ctx context.Context, ticket uint64, limit int, budget func() int64, reserve int64) error {
+	g.mu.Lock()
+	g.waiting[ticket] = true
+	g.mu.Unlock()
 	for {
 		g.mu.Lock()
 		n := limit
@@ -155,6 +214,7 @@ func (g *prefetchGate) acquire(ctx context.Context, ticket uint64, limit int, bu
 		room := g.bytes < budget() || budget() == 0
 		if g.running < n && room && g.oldest() == ticket {
 			g.running++
+			g.bytes += reserve
 			delete(g.waiting, ticket)
 			g.wake() // the next oldest may go too
 			g.mu.Unlock()
@@ -170,7 +230,8 @@ func (g *prefetchGate) acquire(ctx context.Context, ticket uint64, limit int, bu
 	}
 }
 
-// addBytes counts n bytes of an admitted fetch as in flight.
+// addBytes counts n more bytes of an admitted fetch as in flight (n < 0:
+// fewer).
 func (g *prefetchGate) addBytes(n int64) {
 	g.mu.Lock()
 	g.bytes += n
@@ -189,11 +250,11 @@ func (g *prefetchGate) oldest() uint64 {
 	return m
 }
 
-// release gives back a place and the n bytes its fetch counted; the call
-// waits again under its ticket.
-func (g *prefetchGate) release(ticket uint64, n int64) {
+// release gives back a place and the n bytes its fetch counted. The call
+// is not waiting until its next acquire: it may be awaiting another's
+// fetch, and must not hold back the Prefetch calls behind it meanwhile.
+func (g *prefetchGate) release(n int64) {
 	g.mu.Lock()
-	g.waiting[ticket] = true
 	g.running--
 	g.bytes -= n
 	g.wake()

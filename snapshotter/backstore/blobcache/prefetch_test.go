@@ -17,6 +17,7 @@ func TestDemandMissBesidePrefetchedBlock(t *testing.T) {
 	holdFetches(m, func(off int64) bool { return off == 0 }, release) // the prefetch of block 0
 	c := openCache(t, t.TempDir(), Options{BlockSize: 64 * kib})
 	b := openBlob(t, c, m, nil)
+	b.Expect(0, 100) // a trace replay: misses fetch only their blocks
 	done := make(chan error, 1)
 	go func() { done <- b.Prefetch(context.Background(), 0, 100) }()
 	waitFor(t, func() bool { return m.calls.Load() == 1 })
@@ -33,7 +34,7 @@ func TestDemandMissBesidePrefetchedBlock(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	// The demand fill fetched block 3 (a Prefetch is running, so only the
+	// The demand fill fetched block 3 (a trace replay is on, so only the
 	// read's block), the prefetch block 0.
 	if got := m.fetched(); len(got) != 2 {
 		t.Errorf("fetched %v", got)
@@ -117,7 +118,7 @@ func waitFor(t *testing.T, cond func() bool) {
 	}
 }
 
-// TestDemandNarrowDuringPrefetch: while a Prefetch runs, a miss fetches
+// TestDemandNarrowDuringPrefetch: while a trace replay runs, a miss fetches
 // only the blocks of its read, not their refill window.
 func TestDemandNarrowDuringPrefetch(t *testing.T) {
 	m := newMemFetcher(2*mib, 23)
@@ -125,6 +126,7 @@ func TestDemandNarrowDuringPrefetch(t *testing.T) {
 	holdFetches(m, func(off int64) bool { return off >= 1*mib }, release) // the prefetch
 	c := openCache(t, t.TempDir(), Options{BlockSize: 64 * kib})
 	b := openBlob(t, c, m, nil)
+	b.Expect(1*mib, 64*kib)
 	done := make(chan error, 1)
 	go func() { done <- b.Prefetch(context.Background(), 1*mib, 64*kib) }()
 	waitFor(t, func() bool { return m.calls.Load() == 1 })
@@ -139,7 +141,8 @@ func TestDemandNarrowDuringPrefetch(t *testing.T) {
 	if len(got) != 2 || got[0] != [2]int64{9 * 64 * kib, 10 * 64 * kib} {
 		t.Errorf("fetched %v: want block 9 alone, then the prefetch", got)
 	}
-	// With no Prefetch running, a miss fetches its whole window again.
+	// Once the replay has ended, a miss fetches its whole window again.
+	b.EndExpect()
 	m.reset()
 	if _, err := b.ReadAt(make([]byte, 4096), 0); err != nil {
 		t.Fatal(err)
@@ -184,36 +187,39 @@ func TestRateBoundsPrefetchAndReadahead(t *testing.T) {
 
 // TestPrefetchGateBudget: a fetch is admitted while the bytes in flight
 // are under the budget and within the count limit, one beside a demand
-// fetch, and a waiter goes once a release makes room.
+// fetch, and a waiter goes once a release makes room. An admitted fetch's
+// bytes count from its admission (reserved), so the next waiter, woken
+// by it, cannot go in with them uncounted.
 func TestPrefetchGateBudget(t *testing.T) {
 	g := newPrefetchGate()
 	ctx := context.Background()
+	done, cancel := context.WithCancel(ctx)
+	cancel() // acquire checks for room before it waits: fails only without
 	budget := func() int64 { return 100 }
 	t1, t2 := g.enter(), g.enter()
-	if err := g.acquire(ctx, t1, 8, budget); err != nil {
+	if err := g.acquire(ctx, t1, 8, budget, 150); err != nil {
 		t.Fatal(err)
 	}
-	g.addBytes(150) // one fetch may pass the budget
-	short, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
-	defer cancel()
-	if err := g.acquire(short, t2, 8, budget); err == nil {
-		t.Fatal("admitted with 150 bytes in flight against a budget of 100")
+	if err := g.acquire(done, t2, 8, budget, 10); err == nil {
+		t.Fatal("admitted with 150 bytes reserved against a budget of 100")
 	}
-	g.release(t1, 150)
+	g.addBytes(-100) // t1 claimed 50 bytes: under the budget again
+	if err := g.acquire(done, t2, 8, budget, 10); err != nil {
+		t.Fatalf("50 of 100 bytes in flight: %v", err)
+	}
+	g.release(10)
+	g.release(50)
 	g.leave(t1) // its Prefetch call ends
-	if err := g.acquire(ctx, t2, 8, budget); err != nil {
-		t.Fatalf("after the release: %v", err)
+	g.demandStart()
+	if err := g.acquire(ctx, t2, 8, budget, 10); err != nil {
+		t.Fatalf("one beside a demand fetch: %v", err)
 	}
-	g.addBytes(10)
-	g.demandStart() // one prefetch fetch runs beside it already
 	t3 := g.enter()
-	short2, cancel2 := context.WithTimeout(ctx, 20*time.Millisecond)
-	defer cancel2()
-	if err := g.acquire(short2, t3, 8, budget); err == nil {
+	if err := g.acquire(done, t3, 8, budget, 10); err == nil {
 		t.Fatal("a second prefetch fetch was admitted beside a demand fetch")
 	}
 	g.demandEnd()
-	if err := g.acquire(ctx, t3, 8, budget); err != nil {
+	if err := g.acquire(done, t3, 8, budget, 10); err != nil {
 		t.Fatalf("after the demand fetch: %v", err)
 	}
 }
@@ -230,8 +236,8 @@ func TestDemandPlannedSplit(t *testing.T) {
 	if st := c.Stats(); st.PlannedBytes != 192*kib || st.Fetches != 0 {
 		t.Fatalf("after Expect: planned %d bytes (want 192 KiB), %d fetches", st.PlannedBytes, st.Fetches)
 	}
-	// Held open, a Prefetch makes the reads below fetch only their own
-	// blocks, so each fetch is one block.
+	// A plan is under way (Expect), so the reads below fetch only their
+	// own blocks: each fetch is one block.
 	release := make(chan struct{})
 	holdFetches(m, func(off int64) bool { return off >= 768*kib }, release)
 	done := make(chan error, 1)

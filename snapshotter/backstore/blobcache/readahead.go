@@ -119,7 +119,7 @@ func (b *Blob) onMiss(off, end int64) {
 	cur.seq++
 	cur.next = max(cur.next, end)
 	cur.hi = max(cur.hi, s.windowEnd(end))
-	if cur.seq < seqToReadahead || cur.hi > s.windowEnd(end) || b.c.prefetching.Load() > 0 {
+	if cur.seq < seqToReadahead || cur.hi > s.windowEnd(end) || b.c.tracing.Load() > 0 {
 		// Not established yet, or its readahead is still ahead of this
 		// request (the mark there starts the next span), or a trace
 		// replay is fetching what the reader will need.
@@ -138,7 +138,7 @@ func (b *Blob) onMark(k int, m, off, end int64) {
 	if !st.marks[k].CompareAndSwap(m, -1) {
 		return // another request got there first
 	}
-	if b.c.prefetching.Load() > 0 {
+	if b.c.tracing.Load() > 0 {
 		return // a replay is under way; the next miss restarts the stream
 	}
 	st.clock++
@@ -281,6 +281,14 @@ func (f blockFlags) mark(i, n int64, total, unused *atomic.Int64) {
 	if f[i/64].Or(bit)&bit == 0 {
 		total.Add(n)
 		unused.Add(n)
+	}
+}
+
+// clear clears block i's flag.
+func (f blockFlags) clear(i int64) {
+	bit := uint64(1) << (i % 64)
+	if f[i/64].Load()&bit != 0 { // the common case, without a write to a shared word
+		f[i/64].And(^bit)
 	}
 }
 

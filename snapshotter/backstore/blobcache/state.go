@@ -43,6 +43,7 @@ type blobState struct {
 	// demand fetch can tell a prefetch running behind the reader from a
 	// read the plan does not know. In memory only.
 	planned  blockFlags
+	planning atomic.Bool // between Expect and EndExpect
 	streams  streams
 	crcs     []atomic.Uint32 // one per 4 KiB page
 	ref      []atomic.Uint64 // CLOCK referenced bit per window
