@@ -134,6 +134,9 @@ func runBench(b *testing.B, name string, cfg Config) {
 }
 
 func writeOut(b *testing.B, dir, name string, res *Result, md []byte) {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		b.Fatal(err)
+	}
 	if err := atomicfile.Write(filepath.Join(dir, "coldstart-"+name+".md"), md, 0o644); err != nil {
 		b.Fatal(err)
 	}
