@@ -256,15 +256,23 @@ func (w *world) testColdReplay(ctx context.Context, t *testing.T, traced string,
 	w.e.WaitNoDevice(t)
 	before := w.e.Metric(t, "obd_snapshotter_image_replayed_bytes_total")
 	hitsBefore := w.e.Metric(t, "obd_snapshotter_image_prefetch_hits_total")
-	out := w.e.MustCtr(t, "obdrecord", "run", "--snapshotter", "overlaybd", w.pull(ctx, t, traced), "cold", "/hello")
-	if !strings.Contains(out, hello) {
-		t.Fatalf("ctr run printed:\n%s", out)
-	}
+	// Created first and started once the replay has fetched: ctr run
+	// would race the read of /hello against the replay (the device and its
+	// replay come up at Prepare), and a read that wins is a demand fetch,
+	// not a prefetch hit.
+	w.e.MustCtr(t, "obdrecord", "containers", "create", "--snapshotter", "overlaybd", w.pull(ctx, t, traced), "cold", "/hello")
 	var after, hits float64
 	ctrenv.WaitFor(10*time.Second, func() bool {
 		after = w.e.Metric(t, "obd_snapshotter_image_replayed_bytes_total")
+		return after > before
+	})
+	out := w.e.MustCtr(t, "obdrecord", "tasks", "start", "cold")
+	if !strings.Contains(out, hello) {
+		t.Fatalf("ctr tasks start printed:\n%s", out)
+	}
+	ctrenv.WaitFor(10*time.Second, func() bool {
 		hits = w.e.Metric(t, "obd_snapshotter_image_prefetch_hits_total")
-		return after > before && hits > hitsBefore
+		return hits > hitsBefore
 	})
 	if after <= before || hits <= hitsBefore || w.e.Metric(t, "obd_snapshotter_image_replay_errors") != 0 {
 		t.Errorf("replayed bytes %v -> %v, prefetch hits %v -> %v, replay errors %v", before, after, hitsBefore, hits,
