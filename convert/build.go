@@ -15,6 +15,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/obdtrace/obdtrace/convert/ext4"
+	"github.com/obdtrace/obdtrace/internal/iox"
 	"github.com/obdtrace/obdtrace/lsmt"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore/device"
 )
@@ -299,29 +300,11 @@ func (v *journalView) ReadAt(p []byte, off int64) (int, error) {
 		if lo >= hi {
 			continue
 		}
-		if err := readOrZeros(v.pre, p[lo-off:hi-off], lo); err != nil {
+		if err := iox.ReadAtOrZeros(v.pre, p[lo-off:hi-off], lo); err != nil {
 			return int(lo - off), err
 		}
 	}
 	return n, err
-}
-
-// readOrZeros fills p from r at off; what lies past r's end, or all of p
-// when r is nil, reads as zeros.
-func readOrZeros(r io.ReaderAt, p []byte, off int64) error {
-	if r == nil {
-		clear(p)
-		return nil
-	}
-	n, err := r.ReadAt(p, off)
-	if errors.Is(err, io.EOF) {
-		clear(p[n:])
-		return nil
-	}
-	if err == nil && n < len(p) {
-		return io.ErrUnexpectedEOF
-	}
-	return err
 }
 
 func shortDigest(d digest.Digest) string {

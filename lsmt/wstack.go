@@ -7,6 +7,8 @@ import (
 	"io"
 	"slices"
 	"sync"
+
+	"github.com/obdtrace/obdtrace/internal/iox"
 )
 
 // ErrOutOfRange is returned for I/O that reaches past the end of a
@@ -66,7 +68,7 @@ func (s *WritableStack) ReadAt(p []byte, off int64) (int, error) {
 		start := max(int64(seg.Offset)*SectorSize, off)
 		stop := min(int64(seg.End())*SectorSize, end)
 		if start > pos {
-			if err := readOrZeros(s.lower, p[pos-off:start-off], pos); err != nil {
+			if err := iox.ReadAtOrZeros(s.lower, p[pos-off:start-off], pos); err != nil {
 				return int(pos - off), fmt.Errorf("lsmt: read lower disk at %d: %w", pos, err)
 			}
 		}
@@ -79,29 +81,11 @@ func (s *WritableStack) ReadAt(p []byte, off int64) (int, error) {
 		pos = stop
 	}
 	if pos < end {
-		if err := readOrZeros(s.lower, p[pos-off:], pos); err != nil {
+		if err := iox.ReadAtOrZeros(s.lower, p[pos-off:], pos); err != nil {
 			return int(pos - off), fmt.Errorf("lsmt: read lower disk at %d: %w", pos, err)
 		}
 	}
 	return len(p), eof
-}
-
-// readOrZeros fills p from r at off; what lies past r's end, or all of p
-// when r is nil, reads as zeros.
-func readOrZeros(r io.ReaderAt, p []byte, off int64) error {
-	if r == nil {
-		clear(p)
-		return nil
-	}
-	n, err := r.ReadAt(p, off)
-	if errors.Is(err, io.EOF) {
-		clear(p[n:])
-		return nil
-	}
-	if err == nil && n < len(p) {
-		return io.ErrUnexpectedEOF
-	}
-	return err
 }
 
 // WriteAt writes p at off into the upper layer.
@@ -241,10 +225,10 @@ func diffBlocks(index []Segment, st *ChangeStats, disk, base io.ReaderAt, first,
 	for b := first; b < end; {
 		n := min(end-b, diffChunkBlocks)
 		off, size := b*ChangeBlockSize, n*ChangeBlockSize
-		if err := readOrZeros(disk, got[:size], off); err != nil {
+		if err := iox.ReadAtOrZeros(disk, got[:size], off); err != nil {
 			return index, fmt.Errorf("lsmt: read disk at %d: %w", off, err)
 		}
-		if err := readOrZeros(base, was[:size], off); err != nil {
+		if err := iox.ReadAtOrZeros(base, was[:size], off); err != nil {
 			return index, fmt.Errorf("lsmt: read base disk at %d: %w", off, err)
 		}
 		for i := int64(0); i < n; i++ {

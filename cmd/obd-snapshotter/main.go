@@ -6,22 +6,18 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"os/signal"
 	"syscall"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
 	"github.com/spf13/cobra"
 
 	"github.com/obdtrace/obdtrace/internal/logging"
+	"github.com/obdtrace/obdtrace/internal/metricsrv"
 	"github.com/obdtrace/obdtrace/snapshotter"
 )
 
@@ -105,24 +101,11 @@ func serveMetrics(addr string, sn *snapshotter.Snapshotter, log zerolog.Logger) 
 			return nil, err
 		}
 	}
-	ln, err := net.Listen("tcp", addr)
+	_, stop, err := metricsrv.Serve(addr, reg, log)
 	if err != nil {
-		return nil, fmt.Errorf("metrics: %w", err)
+		return nil, err
 	}
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() {
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error().Err(err).Msg("metrics server")
-		}
-	}()
-	log.Info().Str("address", ln.Addr().String()).Msg("metrics at /metrics")
-	return func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		srv.Shutdown(ctx)
-	}, nil
+	return func() { stop() }, nil
 }
 
 func newServeImageCommand() *cobra.Command {

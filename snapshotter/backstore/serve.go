@@ -4,17 +4,15 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"net/http"
 	"os"
 	"path/filepath"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/rs/zerolog"
 	"golang.org/x/sys/unix"
 
+	"github.com/obdtrace/obdtrace/internal/metricsrv"
 	"github.com/obdtrace/obdtrace/replayer"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore/blobcache"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore/device"
@@ -292,24 +290,7 @@ func serveMetrics(addr string, mon *monitor, cache *blobcache.Cache, log zerolog
 	if err := reg.Register(mon); err != nil {
 		return "", nil, err
 	}
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		return "", nil, fmt.Errorf("backstore: metrics: %w", err)
-	}
-	mux := http.NewServeMux()
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-	go func() {
-		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-			log.Error().Err(err).Msg("metrics server")
-		}
-	}()
-	log.Info().Str("addr", ln.Addr().String()).Msg("metrics at /metrics")
-	return ln.Addr().String(), func() error {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		defer cancel()
-		return srv.Shutdown(ctx)
-	}, nil
+	return metricsrv.Serve(addr, reg, log)
 }
 
 // slowTeardownStep is how long a teardown step may take before it is

@@ -6,6 +6,7 @@ import (
 	"io"
 	"sync"
 
+	"github.com/obdtrace/obdtrace/internal/iox"
 	"github.com/obdtrace/obdtrace/lsmt"
 )
 
@@ -75,36 +76,18 @@ func (o *Overlay) ReadAt(p []byte, off int64) (int, error) {
 	pos := off
 	for _, s := range append(spans, span{start: end, end: end}) {
 		if s.start > pos {
-			if err := readOrZero(o.lower, p[pos-off:s.start-off], pos); err != nil {
+			if err := iox.ReadAtOrZeros(o.lower, p[pos-off:s.start-off], pos); err != nil {
 				return int(pos - off), fmt.Errorf("device: read lower layers at %d: %w", pos, err)
 			}
 		}
 		if s.end > s.start {
-			if err := readOrZero(o.upper, p[s.start-off:s.end-off], s.start); err != nil {
+			if err := iox.ReadAtOrZeros(o.upper, p[s.start-off:s.end-off], s.start); err != nil {
 				return int(s.start - off), fmt.Errorf("device: read upper layer at %d: %w", s.start, err)
 			}
 		}
 		pos = s.end
 	}
 	return n, eof
-}
-
-// readOrZero fills p from r at off; what lies past r's end (or all of p, if
-// r is nil) reads as zeros.
-func readOrZero(r io.ReaderAt, p []byte, off int64) error {
-	if r == nil {
-		clear(p)
-		return nil
-	}
-	n, err := r.ReadAt(p, off)
-	if errors.Is(err, io.EOF) {
-		clear(p[n:])
-		return nil
-	}
-	if err == nil && n < len(p) {
-		return io.ErrUnexpectedEOF
-	}
-	return err
 }
 
 // WriteAt writes p at off into the upper layer.
