@@ -92,6 +92,17 @@ type Device interface {
 	Close() error
 }
 
+// ReadAheadLimiter is implemented by devices that read ahead below the
+// block device (FUSELoop: the loop driver reads the FUSE file through its
+// page cache, with the file's own readahead). What that readahead reads
+// past the block device's requests is fetched like any read, yet no block
+// trace sees it: while a trace replay runs, those bytes are demand fetches
+// the plan does not know, on the link ahead of the plan's. While the limit
+// is on, the image is read for what the block device is asked and no more.
+type ReadAheadLimiter interface {
+	LimitReadAhead(on bool) error
+}
+
 // Options choose how an image is attached.
 type Options struct {
 	// Writable attaches the image read-write; it must be a WritableImage.

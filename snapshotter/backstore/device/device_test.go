@@ -5,12 +5,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -220,4 +222,73 @@ func compareRandom(dev string, want Image, rng *rand.Rand, reads int) error {
 		}
 	}
 	return nil
+}
+
+// countingReader counts the bytes read from it.
+type countingReader struct {
+	r io.ReaderAt
+	n atomic.Int64
+}
+
+func (c *countingReader) ReadAt(p []byte, off int64) (int, error) {
+	n, err := c.r.ReadAt(p, off)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// TestLimitReadAhead: 4 KiB reads one after the other on the loop device
+// read more of the image than they ask for (the FUSE file's readahead
+// sees a sequential reader), and exactly what they ask for while the
+// limit is on; off again, the readahead is back.
+func TestLimitReadAhead(t *testing.T) {
+	needKernel(t)
+	disk := make([]byte, 64<<20)
+	src := &countingReader{r: bytes.NewReader(disk)}
+	d := attach(t, NewImage(src, int64(len(disk))), Options{})
+	lim, ok := d.(ReadAheadLimiter)
+	if !ok {
+		t.Fatalf("%T is no ReadAheadLimiter", d)
+	}
+	// Each run at a fresh offset, far from the others, so that no page of
+	// it is cached yet and no readahead state carries over.
+	const reads = 8
+	run := func(off int64) int64 {
+		t.Helper()
+		before := src.n.Load()
+		for k := range int64(reads) {
+			if _, err := readDirect(d.Path(), off+k*4096, 4096); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// Readahead reaches the daemon asynchronously: count it all here,
+		// not in the next run.
+		for n := int64(-1); n != src.n.Load(); {
+			n = src.n.Load()
+			time.Sleep(50 * time.Millisecond)
+		}
+		return src.n.Load() - before
+	}
+	if got := run(8 << 20); got <= reads*4096 {
+		t.Errorf("limit off: %d sequential 4 KiB reads read %d bytes of the image, want readahead beyond them", reads, got)
+	}
+	if err := lim.LimitReadAhead(true); err != nil {
+		t.Fatal(err)
+	}
+	for _, off := range []int64{16 << 20, 24<<20 + 4096} {
+		if got := run(off); got != reads*4096 {
+			t.Errorf("limit on: %d sequential 4 KiB reads at %d read %d bytes of the image, want %d", reads, off, got, reads*4096)
+		}
+	}
+	if err := lim.LimitReadAhead(false); err != nil {
+		t.Fatal(err)
+	}
+	if got := run(48 << 20); got <= reads*4096 {
+		t.Errorf("limit off again: %d sequential 4 KiB reads read %d bytes of the image, want readahead beyond them", reads, got)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := lim.LimitReadAhead(true); err != nil {
+		t.Errorf("after Close: %v, want nothing to do", err)
+	}
 }

@@ -55,6 +55,11 @@ func newImageFS(img Image, writable WritableImage, t Tuning) *imageFS {
 		size:          img.Size(),
 		timeout:       t.CacheTimeout,
 		mtime:         uint64(time.Now().Unix()),
+		// Flush has nothing to do (writes go through at once), and a
+		// FLUSH at close would hang a dying server process that still
+		// holds the file open: the process's exit closes it and waits
+		// for an answer only that process could give.
+		openFlag: fuse.FOPEN_NOFLUSH,
 	}
 	if t.KeepCache {
 		fs.openFlag |= fuse.FOPEN_KEEP_CACHE

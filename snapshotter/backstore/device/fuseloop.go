@@ -105,9 +105,12 @@ type fuseLoopDevice struct {
 
 	mu       sync.Mutex
 	loop     *loopDev
-	fuseDown bool // the FUSE mount is gone (switched to a local file)
+	file     *os.File // the FUSE file the loop device reads, open while fuseDown is false
+	fuseDown bool     // the FUSE mount is gone (switched to a local file)
 	closed   bool
 }
+
+var _ ReadAheadLimiter = (*fuseLoopDevice)(nil)
 
 // start mounts and serves fs, then binds a loop device to its file.
 func (d *fuseLoopDevice) start(ctx context.Context, fs *imageFS) error {
@@ -151,12 +154,14 @@ func (d *fuseLoopDevice) start(ctx context.Context, fs *imageFS) error {
 	if err != nil {
 		return errors.Join(fmt.Errorf("device: open the FUSE image file: %w", err), d.stopFUSE(true))
 	}
-	// The loop device holds its own reference to the file.
-	defer f.Close()
 	d.loop, err = attachLoop(ctx, f, loopConfig{readOnly: d.readOnly, directIO: t.LoopDirectIO, blockSize: t.LoopBlockSize})
 	if err != nil {
+		f.Close()
 		return errors.Join(err, d.stopFUSE(true))
 	}
+	// Kept open: the loop device reads through this open file (its own
+	// reference to it), so fadvise on it sets the loop device's readahead.
+	d.file = f
 	return nil
 }
 
@@ -216,9 +221,30 @@ func (d *fuseLoopDevice) SwitchToFile(ctx context.Context, path string) error {
 	}
 	if !d.fuseDown {
 		d.fuseDown = true
+		d.file.Close()
 		errs = append(errs, d.stopFUSE(true))
 	}
 	return errors.Join(errs...)
+}
+
+// LimitReadAhead turns the FUSE file's readahead off (POSIX_FADV_RANDOM:
+// the loop driver's reads fetch exactly their pages) or back to the
+// mount's (POSIX_FADV_NORMAL: Tuning.ReadAhead). A device switched to a
+// local file has no FUSE file left to limit.
+func (d *fuseLoopDevice) LimitReadAhead(on bool) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed || d.fuseDown {
+		return nil
+	}
+	advice := unix.FADV_NORMAL
+	if on {
+		advice = unix.FADV_RANDOM
+	}
+	if err := unix.Fadvise(int(d.file.Fd()), 0, 0, advice); err != nil {
+		return fmt.Errorf("device: fadvise the FUSE file of %s: %w", d.loop.path, err)
+	}
+	return nil
 }
 
 // Close detaches the loop device and unmounts the FUSE file system. If the
@@ -238,6 +264,7 @@ func (d *fuseLoopDevice) Close() error {
 	errs = append(errs, detachErr)
 	if !d.fuseDown {
 		d.fuseDown = true
+		d.file.Close()
 		// A loop device still in use keeps the FUSE file open: waiting
 		// for the mount to become idle would be in vain.
 		errs = append(errs, d.stopFUSE(detachErr == nil))
