@@ -9,6 +9,7 @@ import (
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/obdtrace/obdtrace/lsmt"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore/blobcache"
@@ -79,6 +80,10 @@ func OpenImage(ctx context.Context, client *registry.Client, cache *blobcache.Ca
 			img.Close()
 		}
 	}()
+	// Layers open side by side: each needs its blob's header and index
+	// (two or three round trips), so a ten-layer image would otherwise
+	// spend tens of round trips before the device exists.
+	var descs []int
 	for i := range remote.Layers {
 		desc := remote.Layers[i]
 		if desc.Annotations[AnnotationAccelerationLayer] == "yes" {
@@ -88,17 +93,20 @@ func OpenImage(ctx context.Context, client *registry.Client, cache *blobcache.Ca
 		if _, ok := desc.Annotations[AnnotationBlobDigest]; !ok {
 			return nil, fmt.Errorf("%w: %s: layer %d (%s) has no %s annotation", ErrNotOverlaybd, ref, i, desc.Digest, AnnotationBlobDigest)
 		}
-		cb, err := cache.Blob(desc.Digest, desc.Size, remote.Repo)
-		if err != nil {
-			return nil, fmt.Errorf("backstore: layer %d: %w", i, err)
-		}
-		// The blob keeps this reader for the life of the mount, so it reads
-		// without the caller's context; the fetcher's retry budget bounds it.
-		b, err := lsmt.OpenBlob(cb, desc.Size)
-		if err != nil {
-			return nil, fmt.Errorf("backstore: layer %d (%s): %w", i, desc.Digest, err)
-		}
-		img.Layers = append(img.Layers, Layer{Digest: desc.Digest, Size: desc.Size, Blob: b, Cache: cb})
+		descs = append(descs, i)
+	}
+	img.Layers = make([]Layer, len(descs))
+	var g errgroup.Group
+	g.SetLimit(openLayersAtOnce)
+	for k, i := range descs {
+		g.Go(func() error {
+			l, err := openLayer(ctx, cache, remote, i)
+			img.Layers[k] = l
+			return err
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return nil, err
 	}
 	if len(img.Layers) == 0 {
 		return nil, fmt.Errorf("%w: %s has no overlaybd layers", ErrNotOverlaybd, ref)
@@ -115,6 +123,38 @@ func OpenImage(ctx context.Context, client *registry.Client, cache *blobcache.Ca
 	}
 	ok = true
 	return img, nil
+}
+
+// openLayersAtOnce bounds the layers whose headers are fetched at once,
+// below the registry client's per-host cap.
+const openLayersAtOnce = 8
+
+// openLayer opens layer i of remote through the cache. The blob's tail
+// (where a ZFile keeps its trailer and jump table) is read beside the
+// header instead of after it, so the two fetches share a round trip.
+func openLayer(ctx context.Context, cache *blobcache.Cache, remote *registry.Image, i int) (Layer, error) {
+	desc := remote.Layers[i]
+	cb, err := cache.Blob(desc.Digest, desc.Size, remote.Repo)
+	if err != nil {
+		return Layer{}, fmt.Errorf("backstore: layer %d: %w", i, err)
+	}
+	tail := make(chan struct{})
+	go func() {
+		defer close(tail)
+		// The trailer; the cache fetches its whole refill window (no more,
+		// so a small blob is not fetched whole).
+		n := min(desc.Size, 512)
+		// A failure shows again, and is reported, when the open reads it.
+		_, _ = cb.ReadAtContext(ctx, make([]byte, n), desc.Size-n)
+	}()
+	// The blob keeps this reader for the life of the mount, so it reads
+	// without the caller's context; the fetcher's retry budget bounds it.
+	b, err := lsmt.OpenBlob(cb, desc.Size)
+	<-tail
+	if err != nil {
+		return Layer{}, fmt.Errorf("backstore: layer %d (%s): %w", i, desc.Digest, err)
+	}
+	return Layer{Digest: desc.Digest, Size: desc.Size, Blob: b, Cache: cb}, nil
 }
 
 // addBaselayer puts the ext4 baselayer beneath the image's layers when the

@@ -184,6 +184,7 @@ func (s *server) startTrace(ctx context.Context, mounted chan struct{}) error {
 	// Replays end before the filesystem is unmounted (see replays); this
 	// step ends one started for a mount that then failed.
 	s.rp = newReplays(ctx)
+	s.rp.readAhead, _ = s.dev.(device.ReadAheadLimiter)
 	s.cleanup.push("replays", s.rp.stop)
 	// The controller outlives the mount: a recording's trace is written
 	// once the filesystem is unmounted.

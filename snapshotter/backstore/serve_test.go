@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -48,9 +49,20 @@ func serveOnce(t *testing.T, cfg Config) (State, func() Stats) {
 	go func() { done <- Serve(ctx, cfg) }()
 	select {
 	case s := <-ready:
+		var once sync.Once
+		var err error
+		stop := func() error {
+			once.Do(func() {
+				cancel()
+				err = <-done
+			})
+			return err
+		}
+		// A test that fails before it stops the server still tears it
+		// down, so its mounts do not outlive it.
+		t.Cleanup(func() { stop() })
 		return s, func() Stats {
-			cancel()
-			if err := <-done; err != nil {
+			if err := stop(); err != nil {
 				t.Errorf("Serve: %v", err)
 			}
 			return readStats(t, s.StatsFile)
