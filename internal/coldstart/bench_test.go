@@ -34,10 +34,47 @@ const pythonImports = `import numpy, json, email.parser, http.client, sqlite3, u
 	`c = sqlite3.connect(":memory:"); c.execute("create table t (x)"); ` +
 	`print("ok", numpy.__version__, int(numpy.arange(1000).sum()), json.dumps({"n": c.execute("select count(*) from t").fetchone()[0]}))`
 
+// djangoApp is the start-up of a web application: Django with the admin,
+// auth, sessions, messages and static files apps, set up, then answering
+// its first request (the admin login page, rendered from templates) through
+// its WSGI handler. Some 600 modules, most of them small files.
+const djangoApp = `import sys
+from django.conf import settings
+settings.configure(
+    DEBUG=False, ALLOWED_HOSTS=["*"], SECRET_KEY="obdtrace-coldstart", ROOT_URLCONF=__name__,
+    INSTALLED_APPS=["django.contrib.admin", "django.contrib.auth", "django.contrib.contenttypes",
+                    "django.contrib.sessions", "django.contrib.messages", "django.contrib.staticfiles"],
+    MIDDLEWARE=["django.middleware.security.SecurityMiddleware", "django.contrib.sessions.middleware.SessionMiddleware",
+                "django.middleware.common.CommonMiddleware", "django.middleware.csrf.CsrfViewMiddleware",
+                "django.contrib.auth.middleware.AuthenticationMiddleware", "django.contrib.messages.middleware.MessageMiddleware"],
+    SESSION_ENGINE="django.contrib.sessions.backends.signed_cookies",
+    MESSAGE_STORAGE="django.contrib.messages.storage.cookie.CookieStorage",
+    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+    TEMPLATES=[{"BACKEND": "django.template.backends.django.DjangoTemplates", "APP_DIRS": True,
+                "OPTIONS": {"context_processors": ["django.template.context_processors.request",
+                    "django.contrib.auth.context_processors.auth", "django.contrib.messages.context_processors.messages"]}}],
+    STATIC_URL="/static/", USE_TZ=True)
+import django
+django.setup()
+from django.contrib import admin
+from django.urls import path
+urlpatterns = [path("admin/", admin.site.urls)]
+from django.core.wsgi import get_wsgi_application
+from wsgiref.util import setup_testing_defaults
+env = {"PATH_INFO": "/admin/login/", "REQUEST_METHOD": "GET", "wsgi.errors": sys.stderr}
+setup_testing_defaults(env)
+got = []
+body = b"".join(get_wsgi_application()(env, lambda status, headers: got.append(status)))
+assert got[0].startswith("200"), got
+assert b"csrfmiddlewaretoken" in body, body[:200]
+print("ok", got[0], len(body), len(sys.modules))
+`
+
 const helloSHA256 = "d3f7d10e296e5c626ea78539cb38cd8dffd043bea3627da35ce3b20c0ac68014"
 
 // BenchmarkColdStart runs the four variants on the hello-world image and
-// on the python3 + numpy image (built by scripts/bench-coldstart.sh), each
+// on the python3 + numpy and python3 + Django images (built by
+// scripts/bench-coldstart.sh), each
 // for OBDTRACE_COLDSTART_ROUNDS rounds (default 3) within one iteration:
 // run it with -benchtime 1x and OBDTRACE_COLDSTART=1. With OBDTRACE_COLDSTART_OUT set, the table
 // and chart of each image are written there.
@@ -51,29 +88,36 @@ func BenchmarkColdStart(b *testing.B) {
 		ref := reg.PushHelloWorld(b)
 		runBench(b, "hello-world", Config{Ref: ref, Upstream: "http://" + reg.Host, Baselayer: testdata.Baselayer(b), Workload: readHello})
 	})
-	// The same rootfs converted twice: upstream's LZ4 in 4 KiB blocks, and
-	// zstd in 64 KiB blocks (0.67x the bytes).
-	b.Run("python3-numpy", func(b *testing.B) {
-		benchPython(b, "python3-numpy", "OBDTRACE_COLDSTART_IMAGE", "/var/cache/obdtrace/testdata/python3-numpy-obd")
-	})
-	b.Run("python3-numpy-zstd", func(b *testing.B) {
-		benchPython(b, "python3-numpy-zstd", "OBDTRACE_COLDSTART_ZSTD_IMAGE", "/var/cache/obdtrace/testdata/python3-numpy-zstd-obd")
-	})
+	// Each rootfs converted twice: upstream's LZ4 in 4 KiB blocks, and zstd
+	// in 64 KiB blocks (0.67x the bytes).
+	for _, img := range []struct {
+		name string
+		work Workload
+	}{
+		{"python3-numpy", python(pythonImports)},
+		{"python3-numpy-zstd", python(pythonImports)},
+		{"python3-django", python(djangoApp)},
+		{"python3-django-zstd", python(djangoApp)},
+	} {
+		b.Run(img.name, func(b *testing.B) { benchImage(b, img.name, img.work) })
+	}
 }
 
-// benchPython pushes the converted image layout (from the environment
-// variable env, else def) to a local registry and runs the Python start-up.
-func benchPython(b *testing.B, name, env, def string) {
-	layout := os.Getenv(env)
-	if layout == "" {
-		layout = def
+// benchImage pushes the converted image layout NAME-obd, from the
+// directory OBDTRACE_COLDSTART_CACHE (default /var/cache/obdtrace/testdata),
+// to a local registry and runs work on it.
+func benchImage(b *testing.B, name string, work Workload) {
+	cache := os.Getenv("OBDTRACE_COLDSTART_CACHE")
+	if cache == "" {
+		cache = "/var/cache/obdtrace/testdata"
 	}
+	layout := filepath.Join(cache, name+"-obd")
 	if _, err := os.Stat(filepath.Join(layout, "index.json")); err != nil {
 		testutil.Missing(b, "no converted image at %s: run scripts/bench-coldstart.sh --build-image", layout)
 	}
 	reg := registry.Start(b, registry.Options{})
 	reg.PushRef(b, layout, "obd", name+":obd")
-	runBench(b, name, Config{Ref: reg.Host + "/" + name + ":obd", Upstream: "http://" + reg.Host, Workload: pythonStart})
+	runBench(b, name, Config{Ref: reg.Host + "/" + name + ":obd", Upstream: "http://" + reg.Host, Workload: work})
 }
 
 func runBench(b *testing.B, name string, cfg Config) {
@@ -89,6 +133,13 @@ func runBench(b *testing.B, name string, cfg Config) {
 	cfg.DeviceReadAhead = int(envInt(b, "OBDTRACE_COLDSTART_DEVICE_RA", 0))
 	cfg.Replay.Workers = int(envInt(b, "OBDTRACE_COLDSTART_WORKERS", 0))
 	cfg.Replay.MergeSize = envInt(b, "OBDTRACE_COLDSTART_MERGE", 0)
+	if s := os.Getenv("OBDTRACE_COLDSTART_MERGE_GAP"); s != "" { // -1: ranges join only when they touch
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			b.Fatalf("OBDTRACE_COLDSTART_MERGE_GAP=%q: want an integer", s)
+		}
+		cfg.Replay.MergeGap = n
+	}
 	if s := os.Getenv("OBDTRACE_COLDSTART_VARIANTS"); s != "" { // e.g. "0,1": no prefetch and replay only
 		for _, f := range strings.Split(s, ",") {
 			n, err := strconv.Atoi(f)
@@ -175,13 +226,16 @@ func readHello(_ context.Context, root string) error {
 	return nil
 }
 
-// pythonStart runs the Python start-up in a chroot of the image.
-func pythonStart(ctx context.Context, root string) error {
-	cmd := exec.CommandContext(ctx, "chroot", root, "/usr/bin/python3", "-c", pythonImports)
-	cmd.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/root", "LANG=C.UTF-8"}
-	out, err := cmd.CombinedOutput()
-	if err != nil || !bytes.HasPrefix(out, []byte("ok ")) {
-		return fmt.Errorf("%w: python3: %v: %s", ErrWorkload, err, out)
+// python returns a workload that runs program with python3 in a chroot of
+// the image; the program prints "ok ..." when it did its work.
+func python(program string) Workload {
+	return func(ctx context.Context, root string) error {
+		cmd := exec.CommandContext(ctx, "chroot", root, "/usr/bin/python3", "-c", program)
+		cmd.Env = []string{"PATH=/usr/local/bin:/usr/bin:/bin", "HOME=/root", "LANG=C.UTF-8"}
+		out, err := cmd.CombinedOutput()
+		if err != nil || !bytes.HasPrefix(out, []byte("ok ")) {
+			return fmt.Errorf("%w: python3: %v: %s", ErrWorkload, err, out)
+		}
+		return nil
 	}
-	return nil
 }
