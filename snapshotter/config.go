@@ -10,6 +10,7 @@ import (
 	"github.com/obdtrace/obdtrace/replayer"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore/blobcache"
+	"github.com/obdtrace/obdtrace/snapshotter/backstore/device"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore/registry"
 )
 
@@ -47,6 +48,7 @@ type Config struct {
 	AsyncRemove bool `mapstructure:"async_remove" json:"async_remove"`
 
 	Cache    CacheConfig    `mapstructure:"cache" json:"cache"`
+	Device   DeviceConfig   `mapstructure:"device" json:"device"`
 	Registry RegistryConfig `mapstructure:"registry" json:"registry"`
 	Replay   ReplayConfig   `mapstructure:"replay" json:"replay"`
 	Server   ServerConfig   `mapstructure:"server" json:"server"`
@@ -102,6 +104,28 @@ func (c CacheConfig) validate() error {
 		return fmt.Errorf("%w: cache.max_bytes %d is below 4 refill windows (%d)", ErrConfig, c.MaxBytes, 4*refill)
 	}
 	return nil
+}
+
+// DeviceConfig tunes each image's block device.
+type DeviceConfig struct {
+	// ReadAheadKB is the readahead of the FUSE file below the loop device
+	// (0 = the device's default, 128 KiB; see device.WithReadAhead). It is
+	// off while a replay's trace phase runs either way.
+	ReadAheadKB int `mapstructure:"readahead_kb" json:"readahead_kb,omitempty"`
+}
+
+func (c DeviceConfig) validate() error {
+	if _, err := device.WithReadAhead(c.ReadAheadKB); err != nil {
+		return fmt.Errorf("%w: device.readahead_kb: %w", ErrConfig, err)
+	}
+	return nil
+}
+
+// tuning is the device tuning c asks for: nil (the measured defaults)
+// unless something is set. c has been validated.
+func (c DeviceConfig) tuning() *device.Tuning {
+	t, _ := device.WithReadAhead(c.ReadAheadKB)
+	return t
 }
 
 // RegistryConfig says how the image servers talk to registries.
@@ -201,6 +225,9 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("%w: record.max_duration %v is negative", ErrConfig, c.Record.MaxDuration)
 	case c.Server.StopGrace < 0:
 		return fmt.Errorf("%w: server.stop_grace %v is negative", ErrConfig, c.Server.StopGrace)
+	}
+	if err := c.Device.validate(); err != nil {
+		return err
 	}
 	if err := c.Cache.validate(); err != nil {
 		return err

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	"github.com/obdtrace/obdtrace/snapshotter/backstore/blobcache"
+	"github.com/obdtrace/obdtrace/snapshotter/backstore/device"
 )
 
 // TestCacheConfigMatchesBlobcache checks that Validate accepts exactly the
@@ -55,5 +56,29 @@ func TestCacheConfigMatchesBlobcache(t *testing.T) {
 		if (oerr == nil) != c.ok {
 			t.Errorf("%+v: blobcache.Open = %v, want ok %v (the rules in CacheConfig.validate are out of date)", c.cache, oerr, c.ok)
 		}
+	}
+}
+
+// TestDeviceConfig: device.readahead_kb is validated, and reaches the image
+// server as the default tuning with only the readahead changed.
+func TestDeviceConfig(t *testing.T) {
+	for _, c := range []struct {
+		kb int
+		ok bool
+	}{{0, true}, {4, true}, {1024, true}, {16384, true}, {-4, false}, {6, false}, {16388, false}} {
+		cfg := DefaultConfig()
+		cfg.Root = t.TempDir()
+		cfg.Device.ReadAheadKB = c.kb
+		if err := cfg.Validate(); (err == nil) != c.ok || (err != nil && !errors.Is(err, ErrConfig)) {
+			t.Errorf("readahead_kb %d: Validate = %v, want ok %v", c.kb, err, c.ok)
+		}
+	}
+	if tun := (DeviceConfig{}).tuning(); tun != nil {
+		t.Errorf("nothing set: tuning %+v, want the device's defaults (nil)", *tun)
+	}
+	want := device.DefaultTuning()
+	want.ReadAhead = 1 << 20
+	if tun := (DeviceConfig{ReadAheadKB: 1024}).tuning(); tun == nil || *tun != want {
+		t.Errorf("readahead_kb 1024: tuning %v, want %+v", tun, want)
 	}
 }

@@ -146,7 +146,7 @@ func (s *Snapshotter) startServer(ctx context.Context, id, trace string) error {
 	spec := ServerSpec{
 		Ref: ref, Chain: rec.Layer.Chain,
 		Mountpoint: s.imageMountpoint(id), StateRoot: s.cfg.StateRoot,
-		CacheDir: filepath.Join(dir, "cache"), Cache: s.cfg.Cache,
+		CacheDir: filepath.Join(dir, "cache"), Cache: s.cfg.Cache, Device: s.cfg.Device,
 		Baselayer: s.cfg.Baselayer, Registry: s.cfg.Registry, Replay: s.cfg.Replay,
 		StatsInterval: s.cfg.Server.StatsInterval, MetricsAddress: s.cfg.Server.MetricsAddress,
 		LogLevel:  s.cfg.LogLevel,

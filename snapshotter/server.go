@@ -39,6 +39,7 @@ type ServerSpec struct {
 	StateRoot     string          `json:"state_root"`
 	CacheDir      string          `json:"cache_dir"`
 	Cache         CacheConfig     `json:"cache"`
+	Device        DeviceConfig    `json:"device"`
 	Baselayer     string          `json:"baselayer"`
 	Registry      RegistryConfig  `json:"registry"`
 	Replay        ReplayConfig    `json:"replay"`
@@ -108,8 +109,8 @@ func runServer(ctx context.Context, spec ServerSpec, log zerolog.Logger) error {
 	cfg := backstore.Config{
 		Ref: spec.Ref, Mountpoint: spec.Mountpoint, StateRoot: spec.StateRoot,
 		CacheDir: spec.CacheDir, CacheMaxBytes: spec.Cache.MaxBytes, CacheRefillSize: spec.Cache.RefillSize,
-		CacheBlockSize: spec.Cache.BlockSize,
-		Baselayer:      spec.Baselayer, Registry: regOpts,
+		CacheBlockSize: spec.Cache.BlockSize, DeviceTuning: spec.Device.tuning(),
+		Baselayer: spec.Baselayer, Registry: regOpts,
 		MetricsAddr: spec.MetricsAddress, StatsInterval: spec.StatsInterval,
 		TraceFile: spec.TraceFile, RecordDuration: spec.RecordMaxDuration,
 		NoReplay: !spec.Replay.Enabled,

@@ -21,6 +21,8 @@ root: /file/root
 address: /file/sock
 cache:
   max_bytes: 1000000000
+device:
+  readahead_kb: 1024
 registry:
   insecure: [a.example:5000]
   credentials:
@@ -57,6 +59,7 @@ server:
 		"stop grace (default)": {cfg.Server.StopGrace, snapshotter.DefaultStopGrace},
 		"state root (derived)": {cfg.StateRoot, "/flag/root/mounts"},
 		"credentials (file)":   {cfg.Registry.Credentials["b.example"].Password, "p"},
+		"readahead (file)":     {cfg.Device.ReadAheadKB, 1024},
 	}
 	for name, v := range want {
 		if v[0] != v[1] {
@@ -80,6 +83,10 @@ func TestLoadConfigErrors(t *testing.T) {
 	os.WriteFile(bad, []byte("cache:\n  max_bytes: -5\n"), 0o600)
 	if _, err := loadConfig(bad, cmd.Flags()); !errors.Is(err, snapshotter.ErrConfig) {
 		t.Errorf("negative cache size: %v, want ErrConfig", err)
+	}
+	os.WriteFile(bad, []byte("device:\n  readahead_kb: 6\n"), 0o600)
+	if _, err := loadConfig(bad, cmd.Flags()); !errors.Is(err, snapshotter.ErrConfig) {
+		t.Errorf("readahead of 6 KiB: %v, want ErrConfig", err)
 	}
 	os.WriteFile(bad, []byte("server:\n  ready_timeout: soon\n"), 0o600)
 	if _, err := loadConfig(bad, cmd.Flags()); err == nil {

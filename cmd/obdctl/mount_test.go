@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/obdtrace/obdtrace/internal/testutil"
 	"github.com/obdtrace/obdtrace/internal/testutil/registry"
@@ -97,7 +100,9 @@ func TestMountUmountAndRecovery(t *testing.T) {
 	}
 
 	// Mount again (warm cache), kill the server hard, and recover.
-	if out, err := obdctl(append([]string{"mount", "--insecure", ref, mnt}, common...)...); err != nil {
+	// The warm mount with a readahead of its own: the flag reaches the
+	// background server.
+	if out, err := obdctl(append([]string{"mount", "--insecure", "--readahead-kb", "1024", ref, mnt}, common...)...); err != nil {
 		t.Fatalf("second mount: %v\n%s", err, out)
 	}
 	state, _, err := backstore.ReadState(filepath.Join(work, "state"), mnt)
@@ -106,6 +111,14 @@ func TestMountUmountAndRecovery(t *testing.T) {
 	}
 	if got := hashFile(t, filepath.Join(mnt, "hello")); got != testdata.HelloSHA256 {
 		t.Fatalf("warm /hello sha256 %s", got)
+	}
+	var fst syscall.Stat_t
+	if err := syscall.Stat(state.FUSEDir, &fst); err != nil {
+		t.Fatal(err)
+	}
+	ra, err := os.ReadFile(fmt.Sprintf("/sys/class/bdi/%d:%d/read_ahead_kb", unix.Major(fst.Dev), unix.Minor(fst.Dev)))
+	if err != nil || strings.TrimSpace(string(ra)) != "1024" {
+		t.Errorf("the FUSE mount's readahead is %q (%v), want the 1024 KiB asked for", ra, err)
 	}
 	b, _ = os.ReadFile(stats)
 	if err := json.Unmarshal(b, &st); err != nil || st.Cache.BytesFetched != 0 {
@@ -125,5 +138,18 @@ func TestMountUmountAndRecovery(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(mnt, "hello")); err == nil {
 		t.Fatal("/hello still visible after umount")
+	}
+}
+
+// TestMountRejectsBadReadAhead: a readahead that is no multiple of 4 KiB is
+// refused before anything is mounted, naming the flag.
+func TestMountRejectsBadReadAhead(t *testing.T) {
+	cmd := newMountCommand()
+	cmd.SetArgs([]string{"--readahead-kb", "6", "example.com/image:tag", t.TempDir()})
+	cmd.SetOut(new(strings.Builder))
+	cmd.SetErr(new(strings.Builder))
+	err := cmd.Execute()
+	if err == nil || !strings.Contains(err.Error(), "--readahead-kb") {
+		t.Errorf("readahead of 6 KiB: %v, want an error naming --readahead-kb", err)
 	}
 }

@@ -16,6 +16,7 @@ package device
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"time"
@@ -169,6 +170,29 @@ func DefaultTuning() Tuning {
 		ReadAhead:   128 << 10,
 		Passthrough: true,
 	}
+}
+
+// MaxReadAheadKB bounds a configured readahead (WithReadAhead): a FUSE
+// request is at most 1 MiB (Tuning.MaxRead), and more than 16 of them
+// ahead of a reader only queue.
+const MaxReadAheadKB = 16 << 10
+
+// WithReadAhead returns DefaultTuning with the FUSE file's readahead set to
+// kb KiB, or nil (the defaults) for 0. kb must be a multiple of 4 up to
+// MaxReadAheadKB. More readahead reads a cached image's data in larger
+// requests (cold sequential reads: 0.28x of one GET with 1 MiB against
+// 0.15x with 128 KiB); over a slow link it fetches bytes the reader may
+// not need.
+func WithReadAhead(kb int) (*Tuning, error) {
+	if kb < 0 || kb > MaxReadAheadKB || kb%4 != 0 {
+		return nil, fmt.Errorf("readahead of %d KiB: want a multiple of 4 from 0 (the default, %d) to %d", kb, DefaultTuning().ReadAhead>>10, MaxReadAheadKB)
+	}
+	if kb == 0 {
+		return nil, nil
+	}
+	t := DefaultTuning()
+	t.ReadAhead = kb << 10
+	return &t, nil
 }
 
 func (o Options) tuning() Tuning {
