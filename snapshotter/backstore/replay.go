@@ -201,10 +201,10 @@ func (img *Image) replayLayers() []replayer.Layer {
 // limitReadAheadInTracePhase wraps the layers' caches so that the device's
 // own readahead is limited from the trace phase's first Expect to its last
 // EndExpect. Measured on a Django start-up over 25 Mbit/s: the FUSE file's
-// 128 KiB readahead below the loop device brought 2.1-2.4 MB the plan did
-// not hold, on the link beside it; limited, 1.0 MB (the image's own
-// metadata, read before the plan is known, most of it), replay 8.4 s ->
-// 7.7-8.0 s.
+// 128 KiB readahead below the loop device brought 2.1 MB the plan did not
+// hold, in 54-58 demand fetches on the link beside it; limited, 1.1 MB in
+// 9-12 (the image's own metadata, read before the plan is known, most of
+// it), replay 9.1 s -> 7.6-7.8 s.
 func limitReadAheadInTracePhase(layers []replayer.Layer, ra device.ReadAheadLimiter, log zerolog.Logger) []replayer.Layer {
 	p := &tracePhase{ra: ra, log: log}
 	out := make([]replayer.Layer, len(layers))
