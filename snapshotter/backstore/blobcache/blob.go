@@ -83,6 +83,11 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 		b.checkMarks(off/s.bs, (end-1)/s.bs, off, end)
 	}
 	for pos := off; pos < end; {
+		if took := b.readCachedRun(p[pos-off:end-off], pos); took > 0 {
+			pos += took
+			n += int(took)
+			continue
+		}
 		i := pos / s.bs
 		bstart := i * s.bs
 		take := min(end, bstart+s.blockLen(i)) - pos
@@ -100,6 +105,53 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 		return n, io.EOF
 	}
 	return n, nil
+}
+
+// readCachedRun reads dst, the blob's bytes from pos on, as far as a run
+// of cached blocks reaches, with one read of the data file and one CRC
+// check a page, and returns how many bytes it took. It takes none (and
+// the caller reads block by block, which refetches what is missing or
+// corrupt) when pos is not on a page boundary, block pos/bs is not cached,
+// or a page fails its check. One read per run instead of one per block:
+// a 1 MiB read of 16 KiB blocks made 64 reads, and the per-block path
+// halved warm throughput with 4 KiB blocks.
+func (b *Blob) readCachedRun(dst []byte, pos int64) int64 {
+	s := b.s
+	if pos%pageSize != 0 {
+		return 0
+	}
+	end := pos + int64(len(dst))
+	complete := s.complete.Load()
+	first := pos / s.bs
+	last := first // the run is blocks [first, last)
+	for last*s.bs < end && (complete || s.has(last)) {
+		last++
+	}
+	runEnd := min(last*s.bs, end)
+	if runEnd != s.size {
+		runEnd = runEnd / pageSize * pageSize // whole pages, or up to the blob's end
+	}
+	if runEnd <= pos {
+		return 0
+	}
+	if ok, err := s.readPages(pos/pageSize, dst[:runEnd-pos]); err != nil || !ok {
+		return 0
+	}
+	// As readBlock counts a block it read from the cache.
+	for i := first; i*s.bs < runEnd; i++ {
+		b.c.stats.hits.Add(1)
+		s.stats.hits.Add(1)
+		if s.unmarkAhead(i) {
+			b.c.stats.readaheadHits.Add(1)
+		}
+		if s.unmarkPrefetched(i) {
+			b.c.stats.prefetchHits.Add(1)
+		}
+	}
+	for w := s.window(first); w <= s.window((runEnd-1)/s.bs); w++ {
+		s.touch(w)
+	}
+	return runEnd - pos
 }
 
 // readBlock copies block i's bytes [inoff, inoff+len(dst)) into dst, fetching
