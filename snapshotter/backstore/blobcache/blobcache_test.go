@@ -514,3 +514,49 @@ func TestPrometheusCollector(t *testing.T) {
 		t.Errorf("metric %s", families[0].GetName())
 	}
 }
+
+// TestRunReadAcrossBlocks: a read over many cached blocks (one pread for
+// the run) returns the right bytes and counts a hit a block; a damaged
+// block inside the run is refetched, alone, and never served; unaligned
+// and tail reads take the block-by-block path and agree.
+func TestRunReadAcrossBlocks(t *testing.T) {
+	m := newMemFetcher(1*mib+3000, 8) // a short last page
+	c := openCache(t, t.TempDir(), Options{BlockSize: 4 * kib, RefillSize: 64 * kib})
+	b := openBlob(t, c, m, nil)
+	all := make([]byte, len(m.data))
+	if _, err := b.ReadAt(all, 0); err != nil && !errors.Is(err, io.EOF) {
+		t.Fatal(err)
+	}
+	m.reset()
+	hits := c.Stats().Hits
+	p := make([]byte, 256*kib)
+	if _, err := b.ReadAt(p, 128*kib); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(p, m.data[128*kib:384*kib]) {
+		t.Fatal("wrong bytes from a run of cached blocks")
+	}
+	if got := c.Stats().Hits - hits; got != 64 {
+		t.Errorf("%d hits for a read of 64 cached blocks", got)
+	}
+	dataPath, _ := c.paths(m.dgst)
+	flipByte(t, dataPath, 300*kib+5)
+	if _, err := b.ReadAt(p, 128*kib); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(p, m.data[128*kib:384*kib]) {
+		t.Fatal("corrupt bytes served from a run of cached blocks")
+	}
+	if got := m.fetched(); len(got) != 1 || got[0] != [2]int64{300 * kib, 304 * kib} {
+		t.Errorf("fetched %v, want only the damaged block [%d, %d)", got, 300*kib, 304*kib)
+	}
+	for _, r := range [][2]int64{{100, 50_000}, {1*mib - 8192, 8192 + 3000}, {1 * mib, 3000}} {
+		q := make([]byte, r[1])
+		if n, err := b.ReadAt(q, r[0]); int64(n) != r[1] || (err != nil && !errors.Is(err, io.EOF)) {
+			t.Fatalf("read [%d, +%d): %d, %v", r[0], r[1], n, err)
+		}
+		if !bytes.Equal(q, m.data[r[0]:r[0]+r[1]]) {
+			t.Errorf("read [%d, +%d): wrong bytes", r[0], r[1])
+		}
+	}
+}
