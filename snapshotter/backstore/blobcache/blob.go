@@ -137,21 +137,30 @@ func (b *Blob) readCachedRun(dst []byte, pos int64) int64 {
 	if ok, err := s.readPages(pos/pageSize, dst[:runEnd-pos]); err != nil || !ok {
 		return 0
 	}
-	// As readBlock counts a block it read from the cache.
 	for i := first; i*s.bs < runEnd; i++ {
 		b.c.stats.hits.Add(1)
 		s.stats.hits.Add(1)
-		if s.unmarkAhead(i) {
-			b.c.stats.readaheadHits.Add(1)
-		}
-		if s.unmarkPrefetched(i) {
-			b.c.stats.prefetchHits.Add(1)
-		}
-	}
-	for w := s.window(first); w <= s.window((runEnd-1)/s.bs); w++ {
-		s.touch(w)
+		b.served(i, true)
 	}
 	return runEnd - pos
+}
+
+// served counts block i as read: its window used, and what readahead or
+// prefetch brought it in ahead of the reader. hit says the block was
+// cached when the read came, not fetched while it waited.
+func (b *Blob) served(i int64, hit bool) {
+	s := b.s
+	s.touch(s.window(i))
+	if s.unmarkAhead(i) {
+		b.c.stats.readaheadHits.Add(1)
+	}
+	if s.unmarkPrefetched(i) {
+		if hit {
+			b.c.stats.prefetchHits.Add(1)
+		} else {
+			b.c.stats.prefetchLate.Add(1) // it waited for the prefetch in flight
+		}
+	}
 }
 
 // readBlock copies block i's bytes [inoff, inoff+len(dst)) into dst, fetching
@@ -193,17 +202,7 @@ func (b *Blob) readBlock(ctx context.Context, i int64, dst []byte, inoff int64, 
 		case err != nil:
 			return err
 		case res == readOK:
-			s.touch(s.window(i))
-			if s.unmarkAhead(i) {
-				b.c.stats.readaheadHits.Add(1)
-			}
-			if s.unmarkPrefetched(i) {
-				if hit {
-					b.c.stats.prefetchHits.Add(1)
-				} else {
-					b.c.stats.prefetchLate.Add(1) // it waited for the prefetch in flight
-				}
-			}
+			b.served(i, hit)
 			return nil
 		case res == readEvicted:
 			// Lost a race with eviction; bounded so a cache far too small
