@@ -141,9 +141,7 @@ func openLayer(ctx context.Context, cache *blobcache.Cache, remote *registry.Ima
 	tail := make(chan struct{})
 	go func() {
 		defer close(tail)
-		// The trailer; the cache fetches its whole refill window (no more,
-		// so a small blob is not fetched whole).
-		n := min(desc.Size, 512)
+		n := openTailBytes(desc.Size, cache.RefillSize())
 		// A failure shows again, and is reported, when the open reads it.
 		_, _ = cb.ReadAtContext(ctx, make([]byte, n), desc.Size-n)
 	}()
@@ -155,6 +153,23 @@ func openLayer(ctx context.Context, cache *blobcache.Cache, remote *registry.Ima
 		return Layer{}, fmt.Errorf("backstore: layer %d (%s): %w", i, desc.Digest, err)
 	}
 	return Layer{Digest: desc.Digest, Size: desc.Size, Blob: b, Cache: cb}, nil
+}
+
+// openTailBytes is how much of a blob's end openLayer reads beside its
+// header: the trailer, which the cache fetches with the rest of its refill
+// window; and when that last window is short (under a quarter of one, as
+// often as not shorter than the jump table before the trailer), the window
+// before it too, in the same fetch, rather than in a second one after the
+// trailer is parsed. A small blob is not fetched whole for it.
+func openTailBytes(size, refill int64) int64 {
+	last := size % refill
+	if last == 0 {
+		last = refill
+	}
+	if last < refill/4 && size > refill+last {
+		return last + refill
+	}
+	return min(size, 512)
 }
 
 // addBaselayer puts the ext4 baselayer beneath the image's layers when the

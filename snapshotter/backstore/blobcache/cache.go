@@ -298,6 +298,10 @@ func (c *Cache) closeFiles() error {
 // Usage is the number of bytes of cached block data.
 func (c *Cache) Usage() int64 { return c.used.Load() }
 
+// RefillSize is the unit a miss fetches: Options.RefillSize, defaults
+// applied.
+func (c *Cache) RefillSize() int64 { return c.opts.RefillSize }
+
 func (c *Cache) paths(dgst digest.Digest) (data, meta string) {
 	base := filepath.Join(c.dir, string(dgst.Algorithm()), dgst.Encoded())
 	return base + ".data", base + ".meta"
