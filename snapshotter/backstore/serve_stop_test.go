@@ -1,7 +1,6 @@
 package backstore
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"net/http"
@@ -18,6 +17,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/obdtrace/obdtrace/internal/testutil"
 	"github.com/obdtrace/obdtrace/internal/testutil/registry"
 	"github.com/obdtrace/obdtrace/internal/testutil/testdata"
 	"github.com/obdtrace/obdtrace/lsmt"
@@ -57,25 +57,11 @@ func (g *gate) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 func (g *gate) release() { g.releaseOnce.Do(func() { close(g.open) }) }
 
-// syncBuffer is a log sink read while the server writes to it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-// lines returns the log's messages (with the teardown step named, if any)
-// in order.
-func (s *syncBuffer) lines() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
+// logLines returns the messages of a server's JSON log (with the teardown
+// step named, if any) in order.
+func logLines(log *testutil.Buffer) []string {
 	var out []string
-	for _, l := range strings.Split(s.b.String(), "\n") {
+	for _, l := range strings.Split(log.String(), "\n") {
 		var e struct{ Message, Step string }
 		if json.Unmarshal([]byte(l), &e) == nil {
 			out = append(out, strings.TrimSpace(e.Message+" "+e.Step))
@@ -121,7 +107,7 @@ func TestServeStopsDuringReplay(t *testing.T) {
 	if err := os.Mkdir(mnt, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	var logs syncBuffer
+	var logs testutil.Buffer
 	cfg := Config{
 		Ref: proxyHost + strings.TrimPrefix(ref, reg.Host), Mountpoint: mnt, StateRoot: filepath.Join(work, "state"),
 		CacheDir: filepath.Join(work, "cache"), CacheRefillSize: 4 << 10, CacheBlockSize: 4 << 10,
@@ -187,7 +173,7 @@ func TestServeStopsDuringReplay(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Error("the held fetch was never cancelled: the replay outlived Serve")
 	}
-	lines := logs.lines()
+	lines := logLines(&logs)
 	stopped, unmount := indexOf(lines, "replay stopped"), indexOf(lines, "teardown step ext4 mount")
 	if stopped < 0 || unmount < 0 || stopped > unmount {
 		t.Errorf("log order: replay stopped at line %d, ext4 unmounted at line %d; want the replay ended first", stopped, unmount)

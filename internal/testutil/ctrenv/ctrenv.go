@@ -263,20 +263,6 @@ func (e *Env) WaitNoDevice(t testing.TB) {
 	}
 }
 
-// WaitFor polls cond until it holds or timeout passes.
-func WaitFor(timeout time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(timeout)
-	for {
-		if cond() {
-			return true
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
 // FreeAddr returns a free 127.0.0.1 TCP address.
 func FreeAddr(t testing.TB) string {
 	t.Helper()

@@ -113,3 +113,14 @@ func openBlob(t testing.TB, c *Cache, m *memFetcher, f Fetcher) *Blob {
 }
 
 func digestOf(s string) digest.Digest { return digest.Digest(s) }
+
+// readInBackground reads 4 KiB of b at off in a goroutine; the channel
+// gets the read's error.
+func readInBackground(ctx context.Context, b *Blob, off int64) <-chan error {
+	read := make(chan error, 1)
+	go func() {
+		_, err := b.ReadAtContext(ctx, make([]byte, 4096), off)
+		read <- err
+	}()
+	return read
+}

@@ -20,11 +20,7 @@ func TestAwaitingPrefetchHoldsBackNoOther(t *testing.T) {
 	holdFetches(m, func(off int64) bool { return off == 0 }, release) // the demand fetch
 	c := openCache(t, t.TempDir(), Options{BlockSize: 64 * kib, Readahead: -1})
 	b := openBlob(t, c, m, nil)
-	read := make(chan error, 1)
-	go func() {
-		_, err := b.ReadAt(make([]byte, 4096), 0)
-		read <- err
-	}()
+	read := readInBackground(context.Background(), b, 0)
 	waitFor(t, func() bool { return m.calls.Load() == 1 })
 	first := make(chan error, 1)
 	go func() { first <- b.Prefetch(context.Background(), 0, 100) }()
@@ -77,11 +73,7 @@ func TestPrefetchRetriesAfterReaderGaveUp(t *testing.T) {
 	b := openBlob(t, c, m, nil)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	read := make(chan error, 1)
-	go func() {
-		_, err := b.ReadAtContext(ctx, make([]byte, 4096), 0)
-		read <- err
-	}()
+	read := readInBackground(ctx, b, 0)
 	waitFor(t, func() bool { return m.calls.Load() == 1 })
 	done := make(chan error, 1)
 	go func() { done <- b.Prefetch(context.Background(), 0, 100) }()

@@ -63,11 +63,7 @@ func TestPrefetchHoldsBackForDemand(t *testing.T) {
 	}
 	c := openCache(t, t.TempDir(), Options{Readahead: -1})
 	b := openBlob(t, c, m, nil)
-	read := make(chan error, 1)
-	go func() {
-		_, err := b.ReadAt(make([]byte, 4096), 0)
-		read <- err
-	}()
+	read := readInBackground(context.Background(), b, 0)
 	waitFor(t, func() bool { return m.calls.Load() == 1 })
 	var wg sync.WaitGroup
 	for _, off := range []int64{1 * mib, 1*mib + 512*kib} {
