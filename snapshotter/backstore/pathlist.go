@@ -81,7 +81,7 @@ func readTraceFile(path string) ([]byte, error) {
 // the image's trace layer.
 func loadReplayTrace(ctx context.Context, cfg Config, img *Image) (*trace.Trace, error) {
 	if cfg.TraceFile == "" {
-		return loadTrace(ctx, "", img)
+		return loadTraceLayer(ctx, img)
 	}
 	b, err := readTraceFile(cfg.TraceFile)
 	if err != nil {

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"sync"
 	"time"
 
@@ -150,26 +149,12 @@ func replay(ctx context.Context, cfg Config, img *Image, ra device.ReadAheadLimi
 	return nil
 }
 
-func loadTrace(ctx context.Context, path string, img *Image) (*trace.Trace, error) {
-	if path != "" {
-		f, err := os.Open(path)
-		if err != nil {
-			return nil, err
-		}
-		defer f.Close()
-		b, err := io.ReadAll(io.LimitReader(f, maxTraceFile+1))
-		if err != nil {
-			return nil, err
-		}
-		if len(b) > maxTraceFile {
-			return nil, fmt.Errorf("trace %s is over %d bytes", path, maxTraceFile)
-		}
-		return replayer.Load(b)
-	}
-	blob := img.Remote.Repo.Blob(*img.TraceLayer)
+// loadTraceLayer loads the image's trace layer from the registry.
+func loadTraceLayer(ctx context.Context, img *Image) (*trace.Trace, error) {
 	if img.TraceLayer.Size > maxTraceFile {
 		return nil, fmt.Errorf("trace layer is %d bytes, over %d", img.TraceLayer.Size, maxTraceFile)
 	}
+	blob := img.Remote.Repo.Blob(*img.TraceLayer)
 	return replayer.LoadLayer(io.NewSectionReader(readerAtCtx{ctx, blob}, 0, img.TraceLayer.Size))
 }
 
