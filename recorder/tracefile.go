@@ -5,9 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 
 	"github.com/obdtrace/obdtrace/internal/atomicfile"
+	"github.com/obdtrace/obdtrace/internal/iox"
 	"github.com/obdtrace/obdtrace/recorder/image"
 	"github.com/obdtrace/obdtrace/trace"
 )
@@ -86,17 +86,12 @@ func isTar(data []byte) bool {
 
 // ReadTraceFile reads and decodes the trace file at path (see DecodeTrace).
 func ReadTraceFile(path string, layers []trace.Layer) (*trace.Trace, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
+	data, err := iox.ReadFileLimit(path, MaxTraceFile)
+	if errors.Is(err, iox.ErrTooLarge) {
+		return nil, fmt.Errorf("%w: %w", trace.ErrTooLarge, err)
 	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, MaxTraceFile+1))
 	if err != nil {
-		return nil, fmt.Errorf("recorder: read %s: %w", path, err)
-	}
-	if len(data) > MaxTraceFile {
-		return nil, fmt.Errorf("%w: %s is over %d bytes", trace.ErrTooLarge, path, MaxTraceFile)
+		return nil, fmt.Errorf("recorder: read trace: %w", err)
 	}
 	t, err := DecodeTrace(data, layers)
 	if err != nil {

@@ -2,7 +2,6 @@ package snapshotter
 
 import (
 	"encoding/json"
-	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -11,6 +10,7 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/obdtrace/obdtrace/internal/iox"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore"
 )
 
@@ -202,12 +202,7 @@ func replayedBytes(stats backstore.Stats) int64 {
 // readStats reads an image server's stats file; a missing or half-written
 // one is skipped for this scrape.
 func readStats(path string) (backstore.Stats, bool) {
-	f, err := os.Open(path)
-	if err != nil {
-		return backstore.Stats{}, false
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, maxStatsFile))
+	b, err := iox.ReadFileLimit(path, maxStatsFile)
 	if err != nil {
 		return backstore.Stats{}, false
 	}

@@ -4,14 +4,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
-	"os"
 	"path/filepath"
 
 	"github.com/opencontainers/go-digest"
 
 	"github.com/obdtrace/obdtrace/internal/atomicfile"
+	"github.com/obdtrace/obdtrace/internal/iox"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore"
 )
 
@@ -92,20 +91,14 @@ func (s *Snapshotter) imageMountpoint(id string) string {
 // readRecord reads the record in a snapshot directory; a snapshot without
 // one (an ordinary layer) has the zero record.
 func readRecord(dir string) (record, error) {
-	f, err := os.Open(filepath.Join(dir, recordFile))
-	if errors.Is(err, fs.ErrNotExist) {
+	b, err := iox.ReadFileLimit(filepath.Join(dir, recordFile), maxRecordSize)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
 		return record{}, nil
-	}
-	if err != nil {
+	case errors.Is(err, iox.ErrTooLarge):
+		return record{}, fmt.Errorf("%w: %w", errBadRecord, err)
+	case err != nil:
 		return record{}, err
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, maxRecordSize+1))
-	if err != nil {
-		return record{}, fmt.Errorf("%w: %s: %w", errBadRecord, dir, err)
-	}
-	if len(b) > maxRecordSize {
-		return record{}, fmt.Errorf("%w: %s: larger than %d bytes", errBadRecord, dir, maxRecordSize)
 	}
 	var r record
 	if err := json.Unmarshal(b, &r); err != nil {

@@ -5,8 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"os"
 	"slices"
 	"time"
 
@@ -14,6 +12,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/obdtrace/obdtrace/internal/atomicfile"
+	"github.com/obdtrace/obdtrace/internal/iox"
 	"github.com/obdtrace/obdtrace/replayer"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore"
 	"github.com/obdtrace/obdtrace/snapshotter/backstore/registry"
@@ -65,17 +64,9 @@ func writeServerSpec(path string, spec ServerSpec) error {
 
 // ReadServerSpec reads a spec written for an image server.
 func ReadServerSpec(path string) (ServerSpec, error) {
-	f, err := os.Open(path)
+	b, err := iox.ReadFileLimit(path, maxSpecSize)
 	if err != nil {
 		return ServerSpec{}, fmt.Errorf("snapshotter: server spec: %w", err)
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, maxSpecSize+1))
-	if err != nil {
-		return ServerSpec{}, fmt.Errorf("snapshotter: server spec %s: %w", path, err)
-	}
-	if len(b) > maxSpecSize {
-		return ServerSpec{}, fmt.Errorf("snapshotter: server spec %s: larger than %d bytes", path, maxSpecSize)
 	}
 	var spec ServerSpec
 	if err := json.Unmarshal(b, &spec); err != nil {

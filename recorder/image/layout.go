@@ -20,6 +20,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/obdtrace/obdtrace/internal/atomicfile"
+	"github.com/obdtrace/obdtrace/internal/iox"
 )
 
 // MaxIndexSize bounds the index.json of a layout.
@@ -267,20 +268,12 @@ func checkRefName(ref string) error {
 
 // readFileLimited reads a file of at most limit bytes.
 func readFileLimited(path string, limit int64) ([]byte, error) {
-	f, err := os.Open(path)
-	if errors.Is(err, fs.ErrNotExist) {
+	data, err := iox.ReadFileLimit(path, limit)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
 		return nil, fmt.Errorf("%w: %s", ErrNotFound, path)
+	case errors.Is(err, iox.ErrTooLarge):
+		return nil, fmt.Errorf("%w: %w", ErrTooLarge, err)
 	}
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, limit+1))
-	if err != nil {
-		return nil, err
-	}
-	if int64(len(data)) > limit {
-		return nil, fmt.Errorf("%w: %s is over %d bytes", ErrTooLarge, path, limit)
-	}
-	return data, nil
+	return data, err
 }

@@ -11,6 +11,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/obdtrace/obdtrace/internal/iox"
 	"github.com/obdtrace/obdtrace/recorder"
 	"github.com/obdtrace/obdtrace/replayer"
 	"github.com/obdtrace/obdtrace/trace"
@@ -61,17 +62,9 @@ func CheckTraceFile(path string) (TraceMode, error) {
 
 // readTraceFile reads a trace file of at most maxTraceFile bytes.
 func readTraceFile(path string) ([]byte, error) {
-	f, err := os.Open(path)
+	b, err := iox.ReadFileLimit(path, maxTraceFile)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrBadTrace, err)
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, maxTraceFile+1))
-	if err != nil {
-		return nil, fmt.Errorf("%w: %s: %w", ErrBadTrace, path, err)
-	}
-	if len(b) > maxTraceFile {
-		return nil, fmt.Errorf("%w: %s is over %d bytes", ErrBadTrace, path, maxTraceFile)
 	}
 	return b, nil
 }

@@ -5,10 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"os"
 
 	"github.com/obdtrace/obdtrace/internal/atomicfile"
+	"github.com/obdtrace/obdtrace/internal/iox"
 )
 
 // MaxRecordingStatsSize bounds what ReadRecordingStats reads of a .ok file:
@@ -36,14 +35,12 @@ type RecordingStats struct {
 // not a JSON object of the fields above, or is larger than
 // MaxRecordingStatsSize, wraps ErrRecordingStats.
 func ReadRecordingStats(path string) (RecordingStats, error) {
-	f, err := os.Open(path)
+	data, err := iox.ReadFileLimit(path, MaxRecordingStatsSize)
+	if errors.Is(err, iox.ErrTooLarge) {
+		return RecordingStats{}, fmt.Errorf("%w: %w", ErrRecordingStats, err)
+	}
 	if err != nil {
 		return RecordingStats{}, fmt.Errorf("backstore: recording stats: %w", err)
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, MaxRecordingStatsSize+1))
-	if err != nil {
-		return RecordingStats{}, fmt.Errorf("backstore: recording stats %s: %w", path, err)
 	}
 	st, err := parseRecordingStats(data)
 	if err != nil {

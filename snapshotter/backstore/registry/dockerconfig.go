@@ -5,11 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/obdtrace/obdtrace/internal/iox"
 )
 
 // ErrDockerConfig means a docker config file could not be parsed.
@@ -34,20 +35,12 @@ func DockerConfigCredentials(dir string) (CredentialsFunc, error) {
 		dir = filepath.Join(home, ".docker")
 	}
 	path := filepath.Join(dir, "config.json")
-	f, err := os.Open(path)
+	data, err := iox.ReadFileLimit(path, maxDockerConfigSize)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrDockerConfig, err)
-	}
-	defer f.Close()
-	data, err := io.ReadAll(io.LimitReader(f, maxDockerConfigSize+1))
-	if err != nil {
-		return nil, fmt.Errorf("%w: %s: %w", ErrDockerConfig, path, err)
-	}
-	if len(data) > maxDockerConfigSize {
-		return nil, fmt.Errorf("%w: %s is larger than %d bytes", ErrDockerConfig, path, maxDockerConfigSize)
 	}
 	creds, err := ParseDockerConfig(data)
 	if err != nil {
