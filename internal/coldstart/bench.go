@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"time"
@@ -67,6 +68,11 @@ type Config struct {
 	Rounds int
 	// Work is a scratch directory: caches, mountpoint, trace, stats.
 	Work string
+	// Trace, when set, is where the trace is kept: a file that exists is
+	// replayed as it is and no recording run is made; otherwise the
+	// recording run writes it there. Side-by-side comparisons then replay
+	// one trace (two recordings of one start-up differ by a few per cent).
+	Trace string
 	// Replay tunes the replayer in the Replay variant.
 	Replay replayer.Options
 	// FullFetchWorkers is the parallelism of the FullPrefetch variant.
@@ -74,10 +80,10 @@ type Config struct {
 	// RefillSize is the blob cache's fetch unit (0: its default, 256 KiB).
 	RefillSize int64
 	// BlockSize is the blob cache's unit of presence (0: its default,
-	// 64 KiB): what a prefetched range is rounded out to.
+	// 16 KiB): what a prefetched range is rounded out to.
 	BlockSize int64
 	// DeviceReadAhead is the device's readahead window in bytes (0: the
-	// device's default, 1 MiB): what one buffered miss asks the cache for.
+	// device's default, 128 KiB): what one buffered miss asks the cache for.
 	DeviceReadAhead int
 	// Variants limits the run to these (default: all; Warm needs
 	// FullPrefetch before it).
@@ -130,8 +136,15 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	r := &runner{cfg: cfg, proxy: proxy, ref: ref}
 	res := &Result{Link: cfg.Link}
 	tracePath := filepath.Join(cfg.Work, "trace.pb")
-	if err := r.record(ctx, tracePath); err != nil {
+	if cfg.Trace != "" {
+		tracePath = cfg.Trace
+	}
+	if keep, err := keptTrace(cfg.Trace); err != nil {
 		return nil, err
+	} else if !keep {
+		if err := r.record(ctx, tracePath); err != nil {
+			return nil, err
+		}
 	}
 	for round := range cfg.Rounds {
 		warmCache := ""
@@ -150,6 +163,23 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 	}
 	return res, nil
+}
+
+// keptTrace tells whether path holds a trace to replay. An empty file is
+// not one: it is what a recording run left when it failed (and, by
+// upstream's rule, would make the replay mount record instead).
+func keptTrace(path string) (bool, error) {
+	if path == "" {
+		return false, nil
+	}
+	fi, err := os.Stat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("coldstart: trace: %w", err)
+	}
+	return fi.Size() > 0, nil
 }
 
 func (c Config) variants() []Variant {

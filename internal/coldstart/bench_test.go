@@ -131,6 +131,13 @@ func runBench(b *testing.B, name string, cfg Config) {
 	cfg.RefillSize = envInt(b, "OBDTRACE_COLDSTART_REFILL", 0)
 	cfg.BlockSize = envInt(b, "OBDTRACE_COLDSTART_BLOCK", 0)
 	cfg.DeviceReadAhead = int(envInt(b, "OBDTRACE_COLDSTART_DEVICE_RA", 0))
+	cfg.Trace = os.Getenv("OBDTRACE_COLDSTART_TRACE_DIR")
+	if cfg.Trace != "" { // one trace per image, kept across runs
+		if err := os.MkdirAll(cfg.Trace, 0o755); err != nil {
+			b.Fatal(err)
+		}
+		cfg.Trace = filepath.Join(cfg.Trace, name+".trace.pb")
+	}
 	cfg.Replay.Workers = int(envInt(b, "OBDTRACE_COLDSTART_WORKERS", 0))
 	cfg.Replay.MergeSize = envInt(b, "OBDTRACE_COLDSTART_MERGE", 0)
 	if s := os.Getenv("OBDTRACE_COLDSTART_MERGE_GAP"); s != "" { // -1: ranges join only when they touch

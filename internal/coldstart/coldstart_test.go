@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"image/png"
 	"math"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -133,5 +135,24 @@ func TestWriteChart(t *testing.T) {
 	}
 	if got := tickStep(45); got != 10 {
 		t.Errorf("tickStep(45) = %v", got)
+	}
+}
+
+func TestKeptTrace(t *testing.T) {
+	dir := t.TempDir()
+	full, empty := filepath.Join(dir, "full.pb"), filepath.Join(dir, "empty.pb")
+	if err := os.WriteFile(full, []byte{1}, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(empty, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		path string
+		want bool
+	}{{"", false}, {filepath.Join(dir, "none.pb"), false}, {empty, false}, {full, true}} {
+		if got, err := keptTrace(c.path); err != nil || got != c.want {
+			t.Errorf("keptTrace(%q) = %v, %v; want %v", c.path, got, err, c.want)
+		}
 	}
 }
