@@ -66,7 +66,7 @@ type RecordConfig struct {
 type CacheConfig struct {
 	MaxBytes   int64 `mapstructure:"max_bytes" json:"max_bytes"`
 	RefillSize int64 `mapstructure:"refill_size" json:"refill_size"`
-	// BlockSize is the cache's unit of presence (0 = 16 KiB): smaller
+	// BlockSize is the cache's unit of presence (0 = 4 KiB): smaller
 	// blocks let replay fetch exactly a trace's ranges.
 	BlockSize int64 `mapstructure:"block_size" json:"block_size,omitempty"`
 }

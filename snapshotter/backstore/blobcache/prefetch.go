@@ -127,14 +127,16 @@ func (b *Blob) Expect(off, n int64) {
 
 // EndExpect ends the trace replay Expect began: readahead resumes and the
 // plan's marks are dropped, so a later demand fetch of a block the plan
-// never got counts as unplanned. Replays of one blob that overlap share
-// its marks: the first to end drops them.
+// never got counts as unplanned. The blob's misses go on fetching only
+// their own blocks, not whole refill windows (see ReadAtContext). Replays
+// of one blob that overlap share its marks: the first to end drops them.
 func (b *Blob) EndExpect() {
 	s := b.s
 	if !s.planning.CompareAndSwap(true, false) {
 		return
 	}
 	b.c.tracing.Add(-1)
+	s.replayed.Store(true)
 	for k := range s.planned {
 		s.planned[k].Store(0)
 	}

@@ -173,12 +173,37 @@ func TestPlannedMarksCleared(t *testing.T) {
 		}
 	}
 	b.EndExpect()
-	if _, err := b.ReadAt(make([]byte, 4096), 192*kib); err != nil { // block 3, with window 0
+	if _, err := b.ReadAt(make([]byte, 4096), 192*kib); err != nil { // block 3
 		t.Fatal(err)
 	}
 	st := c.Stats()
-	if st.DemandPlannedBytes != 64*kib || st.DemandUnplannedBytes != 64*kib+128*kib {
-		t.Errorf("demand planned %d, unplanned %d: want 64 KiB (block 2), 192 KiB (blocks 1, 0 and 3)",
+	if st.DemandPlannedBytes != 64*kib || st.DemandUnplannedBytes != 128*kib {
+		t.Errorf("demand planned %d, unplanned %d: want 64 KiB (block 2), 128 KiB (blocks 1 and 3)",
 			st.DemandPlannedBytes, st.DemandUnplannedBytes)
+	}
+}
+
+// TestMissesStaySmallAfterReplay: once a blob's replay is over, its misses
+// fetch their own blocks, not their windows; a blob never replayed keeps
+// the windows.
+func TestMissesStaySmallAfterReplay(t *testing.T) {
+	c := openCache(t, t.TempDir(), Options{BlockSize: 16 * kib, Readahead: -1})
+	replayed, plain := newMemFetcher(1*mib, 46), newMemFetcher(1*mib, 47)
+	a, b := openBlob(t, c, replayed, nil), openBlob(t, c, plain, nil)
+	a.Expect(0, 16*kib)
+	if err := a.Prefetch(context.Background(), 0, 16*kib); err != nil {
+		t.Fatal(err)
+	}
+	a.EndExpect()
+	for _, blob := range []*Blob{a, b} {
+		if _, err := blob.ReadAt(make([]byte, 4096), 512*kib+100); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := replayed.fetched(); len(got) != 2 || got[1] != [2]int64{512 * kib, 528 * kib} {
+		t.Errorf("replayed blob fetched %v: want the prefetch, then block 32 alone", got)
+	}
+	if got := plain.fetched(); len(got) != 1 || got[0] != [2]int64{512 * kib, 768 * kib} {
+		t.Errorf("plain blob fetched %v: want window 2", got)
 	}
 }

@@ -44,6 +44,10 @@ type blobState struct {
 	// read the plan does not know. In memory only.
 	planned  blockFlags
 	planning atomic.Bool // between Expect and EndExpect
+	// replayed is set by EndExpect: a replay has brought what the
+	// start-up reads, and this blob's misses fetch only their own blocks
+	// from then on (see ReadAtContext). In memory only.
+	replayed atomic.Bool
 	streams  streams
 	crcs     []atomic.Uint32 // one per 4 KiB page
 	ref      []atomic.Uint64 // CLOCK referenced bit per window
