@@ -5,6 +5,7 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/obdtrace/obdtrace/trace"
 )
@@ -70,5 +71,61 @@ func TestRunEndsExpectBeforeFullFetch(t *testing.T) {
 	}
 	if n := slices.Index(rec.events, "end"); n < 0 || slices.Contains(rec.events[n+1:], "end") {
 		t.Errorf("cancelled replay: events %v, want one end", rec.events)
+	}
+}
+
+// TestTracePhaseLastsAsLongAsTheStartup: the trace phase outlasts its
+// fetching until the recorded start-up's last first access (here 1 s
+// after Run began), at most Options.StartupHold; TraceDone still says when
+// the fetching ended; a cancelled replay does not wait.
+func TestTracePhaseLastsAsLongAsTheStartup(t *testing.T) {
+	a := newTestBlob(t, 8, 1<<20)
+	tr := &trace.Trace{
+		Layers: []trace.Layer{{Digest: a.dgst}},
+		Frames: []trace.Frame{{Offset: 0, Length: 4096}, {Offset: 512 << 10, Length: 4096, TimeNS: int64(time.Second)}},
+	}
+	for _, c := range []struct {
+		hold     time.Duration
+		min, max time.Duration
+	}{
+		{0, time.Second, 10 * time.Second}, // the default allows 1 s
+		{200 * time.Millisecond, 200 * time.Millisecond, 800 * time.Millisecond},
+		{-1, 0, 800 * time.Millisecond},
+	} {
+		rec := &expectRecorder{}
+		layers := []Layer{a.layer(rec)}
+		p, err := NewPlan(tr, layers, Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.Stats.StartupSpan != time.Second {
+			t.Fatalf("StartupSpan %v, want 1s", p.Stats.StartupSpan)
+		}
+		var st Stats
+		begin := time.Now()
+		if err := p.Run(context.Background(), layers, Options{StartupHold: c.hold}, &st); err != nil {
+			t.Fatal(err)
+		}
+		took := time.Since(begin)
+		if took < c.min || took > c.max {
+			t.Errorf("hold %v: the trace phase took %v, want %v to %v", c.hold, took, c.min, c.max)
+		}
+		if done := time.Duration(st.TraceDone.Load()); done <= 0 || done > 800*time.Millisecond {
+			t.Errorf("hold %v: TraceDone %v, want the fetching's end, well before the hold's", c.hold, done)
+		}
+		if rec.events[len(rec.events)-1] != "end" {
+			t.Errorf("hold %v: events %v, want the end last", c.hold, rec.events)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	p, err := NewPlan(tr, []Layer{a.layer(&expectRecorder{})}, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	begin := time.Now()
+	p.Run(ctx, []Layer{a.layer(&expectRecorder{})}, Options{}, &Stats{})
+	if took := time.Since(begin); took > 800*time.Millisecond {
+		t.Errorf("a replay cancelled at 50 ms took %v", took)
 	}
 }

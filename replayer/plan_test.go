@@ -2,6 +2,7 @@ package replayer
 
 import (
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/obdtrace/obdtrace/trace"
@@ -79,4 +80,92 @@ func BenchmarkNewPlan(b *testing.B) {
 		}
 	}
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(frames)), "ns/frame")
+}
+
+// TestCoalescerMergesIntoEarlierRanges: a range joins any earlier range
+// of its blob within the gap, not only the last one, picks the earliest
+// when several qualify, and respects the gap and the merge size.
+func TestCoalescerMergesIntoEarlierRanges(t *testing.T) {
+	const k = 1 << 10
+	c := newCoalescer(2, 1<<20, 8*k)
+	for _, r := range []Range{
+		{0, 0, 4 * k},           // A
+		{0, 20 * k, 24 * k},     // B: 16 KiB from A, on its own
+		{1, 0, 4 * k},           // another blob
+		{0, 10 * k, 14 * k},     // within 8 KiB of A and of B: into A, the earlier
+		{0, 33 * k, 36 * k},     // 9 KiB past B: on its own
+		{0, 100 * k, 1100 * k},  // D
+		{0, 1104 * k, 1200 * k}, // D would outgrow the merge size
+		{1, 4 * k, 8 * k},       // touches the other blob's range
+		{0, 2 * k, 12 * k},      // inside A as merged: A unchanged
+	} {
+		c.add(r)
+	}
+	want := []Range{{0, 0, 14 * k}, {0, 20 * k, 24 * k}, {1, 0, 8 * k}, {0, 33 * k, 36 * k},
+		{0, 100 * k, 1100 * k}, {0, 1104 * k, 1200 * k}}
+	if !slices.Equal(c.ranges, want) {
+		t.Fatalf("ranges\n%v, want\n%v", c.ranges, want)
+	}
+	// The frames' own bytes, without the gaps merged over (4-10 KiB, 14-20 KiB).
+	if got, want := c.coveredBytes(), int64((14+4+3+1000+96+8)*k); got != want {
+		t.Fatalf("covered %d bytes, want %d", got, want)
+	}
+}
+
+// TestCoalescerNeverLate: on random traces, the bytes of every frame are
+// covered by ranges that were in the plan when the frame came, so merging
+// only ever brings bytes forward; and no merge passes the merge size.
+func TestCoalescerNeverLate(t *testing.T) {
+	rng := rand.New(rand.NewPCG(7, 8))
+	for round := range 20 {
+		const space = 1 << 22
+		mergeSize, gap := int64(64<<10+rng.IntN(1<<20)), int64(rng.IntN(64<<10))
+		c := newCoalescer(2, mergeSize, gap)
+		type arrival struct {
+			r Range
+			n int // ranges in the plan once it was added
+		}
+		var in []arrival
+		for range 1000 {
+			start := rng.Int64N(space)
+			r := Range{Layer: rng.IntN(2), Start: start, End: start + 1 + rng.Int64N(32<<10)}
+			c.add(r)
+			in = append(in, arrival{r, len(c.ranges)})
+		}
+		for i, r := range c.ranges {
+			if r.End-r.Start > max(mergeSize, 32<<10+1) {
+				t.Fatalf("round %d: range %d is %d bytes, merge size %d", round, i, r.End-r.Start, mergeSize)
+			}
+		}
+		for _, a := range in {
+			var cov intervals
+			for _, r := range c.ranges[:a.n] {
+				if r.Layer == a.r.Layer {
+					cov.add(r.Start, r.End)
+				}
+			}
+			if !cov.contains(a.r.Start, a.r.End) {
+				t.Fatalf("round %d: %+v is not covered by the first %d ranges", round, a.r, a.n)
+			}
+		}
+	}
+}
+
+// TestCoalescerEarlierRangesStaySmall: a range that is not the last takes
+// in later ones only up to mergeEarlierSize; the last grows to MergeSize.
+func TestCoalescerEarlierRangesStaySmall(t *testing.T) {
+	const k = 1 << 10
+	c := newCoalescer(1, 1<<20, 8*k)
+	for _, r := range []Range{
+		{0, 0, 200 * k},
+		{0, 1024 * k, 1028 * k},
+		{0, 204 * k, 300 * k},   // the first would grow to 300 KiB
+		{0, 1032 * k, 1124 * k}, // the last grows
+	} {
+		c.add(r)
+	}
+	want := []Range{{0, 0, 200 * k}, {0, 1024 * k, 1124 * k}, {0, 204 * k, 300 * k}}
+	if !slices.Equal(c.ranges, want) {
+		t.Fatalf("ranges\n%v, want\n%v", c.ranges, want)
+	}
 }

@@ -109,9 +109,11 @@ type Sample struct {
 // Result is a whole run: the samples, and what the trace said.
 type Result struct {
 	Samples []Sample
-	// TraceBytes is the blob bytes of the replay plan: what the workload
-	// needs from the registry, by the trace.
+	// TraceBytes is the blob bytes the trace's frames cover: what the
+	// workload needs from the registry, by the trace. PlanBytes adds the
+	// gaps the replay plan merged ranges over.
 	TraceBytes  int64
+	PlanBytes   int64
 	TraceFrames int
 	TraceRanges int
 	// Link is the emulated link the run used.
@@ -268,7 +270,8 @@ func (r *runner) sample(ctx context.Context, v Variant, round int, tracePath str
 		return s, err
 	}
 	if v == Replay && st.Replay != nil {
-		res.TraceBytes, res.TraceFrames, res.TraceRanges = st.Replay.Plan.Bytes, st.Replay.Plan.Frames, st.Replay.Plan.Ranges
+		p := st.Replay.Plan
+		res.TraceBytes, res.PlanBytes, res.TraceFrames, res.TraceRanges = p.NeededBytes, p.Bytes, p.Frames, p.Ranges
 	}
 	switch v {
 	case FullPrefetch:

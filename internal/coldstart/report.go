@@ -115,8 +115,8 @@ func (r *Result) WriteMarkdown(w io.Writer, title string) error {
 			speed, mb(x.LinkBytes), mb(x.Ahead), mb(x.AheadUnused), x.Requests, x.Demand, ms(x.DemandP99))
 	}
 	c := r.Check()
-	fmt.Fprintf(&b, "\nTrace: %d frames, %d ranges, %s of blob. Link bound %s (%s at %s + one RTT).\n",
-		r.TraceFrames, r.TraceRanges, mb(r.TraceBytes), secs(r.LinkBound()), mb(r.TraceBytes), rateString(r.Link.BytesPerSecond))
+	fmt.Fprintf(&b, "\nTrace: %d frames, %s of blob; plan: %d ranges, %s with the gaps merged over. Link bound %s (%s at %s + one RTT).\n",
+		r.TraceFrames, mb(r.TraceBytes), r.TraceRanges, mb(r.PlanBytes), secs(r.LinkBound()), mb(r.TraceBytes), rateString(r.Link.BytesPerSecond))
 	fmt.Fprintf(&b, "Checks: replay %.2f× faster than no prefetch (target ≥ 4×); %.2f× max(warm, link bound) = %s (target ≤ 1.3×); "+
 		"demand-miss p99 under replay %.2f× its value without (target ≤ 1.5×).\n",
 		c.Speedup, c.BoundRatio, secs(c.Bound), c.DemandRatio)
