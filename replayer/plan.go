@@ -219,9 +219,10 @@ func lessPlanned(a, b planned) bool {
 
 // mergeEarlierSize bounds a range that takes in a later one and is not
 // the last range (the last grows to MergeSize, as a sequential read
-// does): it is fetched that much before the later bytes are needed, and a
-// cache refill window, one request, is this big. With 1 MiB, merged ranges
-// held back what the numpy start-up needed next.
+// does): every byte it takes in delays the ranges after it, which the
+// start-up needs sooner, so it stays within what one request (a cache
+// refill window) fetches. On the cold-start benchmark 1 MiB did no
+// measurably worse; the bound is there for traces where it would.
 const mergeEarlierSize = 256 << 10
 
 // mergeLookback bounds the ranges add examines, nearest first: ranges of
