@@ -138,8 +138,8 @@ func newMetrics() metrics {
 	c, g := prometheus.CounterValue, prometheus.GaugeValue
 	return metrics{
 		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name:    "obd_blobcache_demand_fetch_seconds",
-			Help:    "Latency of registry fetches that a read waited for.",
+			Name: "obd_blobcache_demand_fetch_seconds",
+			Help: "Latency of registry fetches that a read waited for.",
 			// 0.5 ms to 33 s in steps of √2: a p99 read from factor-2
 			// buckets put fetches of 253-266 ms anywhere up to 500 ms,
 			// which is what a p99 of a few dozen fetches is made of.
