@@ -116,22 +116,21 @@ func readJSON(t *testing.T, path string, v any) {
 	}
 }
 
-// TestOpenTailBytes: the trailer alone, unless the blob's last refill
-// window is under a quarter of one; then that window and the one before,
-// but never the whole of a blob of little more than a window.
-func TestOpenTailBytes(t *testing.T) {
+// TestOpenTail: the last refill window, and the one before when the last
+// is under a quarter of one, but never more than the blob.
+func TestOpenTail(t *testing.T) {
 	const w = 256 << 10
 	for _, c := range []struct{ size, want int64 }{
 		{100, 100},
-		{642560, 512},                // last window 118 KiB: the trailer's window holds it
+		{642560, 642560 - 2*w},       // last window 118 KiB
 		{79443968, 14336 + w},        // last window 14 KiB: and the one before
-		{10 * w, 512},                // window-aligned: a whole last window
-		{w + 1000, 512},              // a short last window, but before it the whole blob
+		{10 * w, w},                  // window-aligned: a whole last window
+		{w + 1000, 1000},             // a short last window, but before it the whole blob
 		{3*w + w/4 - 1, w/4 - 1 + w}, // just under a quarter
-		{3*w + w/4, 512},             // a quarter
+		{3*w + w/4, w / 4},           // a quarter
 	} {
-		if got := openTailBytes(c.size, w); got != c.want {
-			t.Errorf("blob of %d bytes: read %d of its end, want %d", c.size, got, c.want)
+		if got := openTail(c.size, w); got != [2]int64{c.size - c.want, c.want} {
+			t.Errorf("blob of %d bytes: read %v of its end, want its last %d bytes", c.size, got, c.want)
 		}
 	}
 }

@@ -3,6 +3,7 @@ package blobcache
 import (
 	"context"
 	"errors"
+	"slices"
 	"sync/atomic"
 	"testing"
 )
@@ -205,5 +206,25 @@ func TestMissesStaySmallAfterReplay(t *testing.T) {
 	}
 	if got := plain.fetched(); len(got) != 1 || got[0] != [2]int64{512 * kib, 768 * kib} {
 		t.Errorf("plain blob fetched %v: want window 2", got)
+	}
+}
+
+// TestFetchExactly: between FetchExactly(true) and (false) a miss fetches
+// its own blocks; after it, its refill window again.
+func TestFetchExactly(t *testing.T) {
+	c := openCache(t, t.TempDir(), Options{BlockSize: 4 * kib})
+	m := newMemFetcher(1*mib, 48)
+	b := openBlob(t, c, m, nil)
+	b.FetchExactly(true)
+	if _, err := b.ReadAt(make([]byte, 512), 1*mib-512); err != nil {
+		t.Fatal(err)
+	}
+	b.FetchExactly(false)
+	if _, err := b.ReadAt(make([]byte, 512), 0); err != nil {
+		t.Fatal(err)
+	}
+	want := [][2]int64{{1*mib - 4*kib, 1 * mib}, {0, 256 * kib}}
+	if got := m.fetched(); !slices.Equal(got, want) {
+		t.Errorf("fetched %v, want %v: the last block alone, then window 0", got, want)
 	}
 }

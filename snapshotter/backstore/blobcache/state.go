@@ -48,6 +48,8 @@ type blobState struct {
 	// start-up reads, and this blob's misses fetch only their own blocks
 	// from then on (see ReadAtContext). In memory only.
 	replayed atomic.Bool
+	// exact is set between FetchExactly(true) and FetchExactly(false).
+	exact    atomic.Bool
 	streams  streams
 	crcs     []atomic.Uint32 // one per 4 KiB page
 	ref      []atomic.Uint64 // CLOCK referenced bit per window
