@@ -1,9 +1,11 @@
 package replayer
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/google/btree"
@@ -67,9 +69,12 @@ type PlanStats struct {
 	// NeededBytes is the blob bytes the matched frames themselves cover
 	// (each byte once): Bytes less the gaps coalescing filled in.
 	NeededBytes int64
-	// StartupSpan is the latest first access among the matched frames:
-	// how long the recorded start-up went on reading data it had not read
-	// before (0 for an upstream trace, which has no times).
+	// StartupSpan is how long the recorded start-up went on reading data
+	// it had not read before: the first access by which the matched frames
+	// had read startupShare of their bytes (0 for an upstream trace, which
+	// has no times). Not the last first access: a recording runs until the
+	// container stops, and a server's later reads trickle in long after
+	// its start-up.
 	StartupSpan time.Duration
 }
 
@@ -94,6 +99,7 @@ func NewPlan(t *trace.Trace, layers []Layer, opts Options) (*Plan, error) {
 		}
 	}
 	c := newCoalescer(len(layers), opts.MergeSize, opts.MergeGap)
+	var firsts []firstAccess
 	for i, f := range t.Frames {
 		if opts.MaxFrames > 0 && i >= opts.MaxFrames {
 			p.Stats.Truncated = len(t.Frames) - i
@@ -118,18 +124,43 @@ func NewPlan(t *trace.Trace, layers []Layer, opts Options) (*Plan, error) {
 			continue
 		}
 		p.Stats.Matched++
-		p.Stats.StartupSpan = max(p.Stats.StartupSpan, time.Duration(f.TimeNS))
+		firsts = append(firsts, firstAccess{f.TimeNS, f.Length})
 		c.add(Range{Layer: img, Start: start, End: end})
 	}
 	p.Ranges = c.ranges
 	p.Stats.Ranges = len(p.Ranges)
 	p.Stats.Bytes = unionBytes(p.Ranges, len(layers))
 	p.Stats.NeededBytes = c.coveredBytes()
+	p.Stats.StartupSpan = startupSpan(firsts)
 	if p.Stats.Matched == 0 && p.Stats.Frames > 0 {
 		return p, fmt.Errorf("%w: %d frames, %d of %d trace layers found", ErrNoMatch,
 			p.Stats.Frames, p.Stats.LayersMatched, len(t.Layers))
 	}
 	return p, nil
+}
+
+// startupShare is the share of a trace's bytes whose first access
+// StartupSpan waits for.
+const startupShare = 0.9
+
+// firstAccess is a frame's first access and its length.
+type firstAccess struct{ ns, n int64 }
+
+// startupSpan is the time by which the frames had read startupShare of
+// their bytes.
+func startupSpan(firsts []firstAccess) time.Duration {
+	var total int64
+	for _, f := range firsts {
+		total += f.n
+	}
+	slices.SortStableFunc(firsts, func(a, b firstAccess) int { return cmp.Compare(a.ns, b.ns) })
+	var sum int64
+	for _, f := range firsts {
+		if sum += f.n; float64(sum) >= startupShare*float64(total) {
+			return time.Duration(f.ns)
+		}
+	}
+	return 0
 }
 
 // unionBytes is the number of blob bytes the ranges cover: coalescing can
@@ -186,10 +217,10 @@ func matchLayers(t *trace.Trace, layers []Layer) []int {
 	return match
 }
 
-// coalescer builds the ordered range list: a range merges into an earlier
-// one of the same blob when they overlap or lie within MergeGap and the
-// result stays within MergeSize; ranges already covered by earlier ones are
-// dropped. Any earlier range will do, not only the last: a start-up reads
+// coalescer builds the ordered range list: a frame's range merges into an
+// earlier range of the same blob when they overlap or lie within MergeGap
+// and the result stays within the size limits below; a frame whose bytes
+// earlier frames already covered is dropped. Any earlier range will do, not only the last: a start-up reads
 // files that lie side by side in the blob at different moments, and small
 // ranges fetched apart cost a request each (the Django start-up's 996
 // ranges took 585-596 requests when only neighbours in the trace merged,
@@ -198,7 +229,7 @@ func matchLayers(t *trace.Trace, layers []Layer) []int {
 // place, so the later bytes arrive early, never late.
 type coalescer struct {
 	ranges    []Range
-	covered   []intervals // per layer: the bytes the ranges cover
+	covered   []intervals // per layer: the bytes the frames added cover
 	byStart   []*btree.BTreeG[planned]
 	mergeSize int64
 	mergeGap  int64
@@ -250,6 +281,10 @@ func (c *coalescer) add(r Range) {
 	seen := 0
 	tree.DescendLessOrEqual(planned{start: r.End + c.mergeGap, idx: len(c.ranges)}, func(v planned) bool {
 		if seen++; seen > mergeLookback || v.end+c.mergeGap < r.Start {
+			return false
+		}
+		if v.start <= r.Start && r.End <= v.end { // already in a range's span: nothing grows
+			best, found = v, true
 			return false
 		}
 		limit := c.mergeSize

@@ -4,6 +4,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/obdtrace/obdtrace/trace"
 )
@@ -97,7 +98,7 @@ func TestCoalescerMergesIntoEarlierRanges(t *testing.T) {
 		{0, 100 * k, 1100 * k},  // D
 		{0, 1104 * k, 1200 * k}, // D would outgrow the merge size
 		{1, 4 * k, 8 * k},       // touches the other blob's range
-		{0, 2 * k, 12 * k},      // inside A as merged: A unchanged
+		{0, 2 * k, 6 * k},       // inside A as merged: A unchanged
 	} {
 		c.add(r)
 	}
@@ -106,8 +107,8 @@ func TestCoalescerMergesIntoEarlierRanges(t *testing.T) {
 	if !slices.Equal(c.ranges, want) {
 		t.Fatalf("ranges\n%v, want\n%v", c.ranges, want)
 	}
-	// The frames' own bytes, without the gaps merged over (4-10 KiB, 14-20 KiB).
-	if got, want := c.coveredBytes(), int64((14+4+3+1000+96+8)*k); got != want {
+	// The frames' own bytes, without the gap A was merged over (6-10 KiB).
+	if got, want := c.coveredBytes(), int64((10+4+3+1000+96+8)*k); got != want {
 		t.Fatalf("covered %d bytes, want %d", got, want)
 	}
 }
@@ -167,5 +168,45 @@ func TestCoalescerEarlierRangesStaySmall(t *testing.T) {
 	want := []Range{{0, 0, 200 * k}, {0, 1024 * k, 1124 * k}, {0, 204 * k, 300 * k}}
 	if !slices.Equal(c.ranges, want) {
 		t.Fatalf("ranges\n%v, want\n%v", c.ranges, want)
+	}
+}
+
+// TestCoalescerFrameInsideARange: a frame in the gap a range was merged
+// over joins that range, which does not grow, even when an earlier range
+// is within reach too.
+func TestCoalescerFrameInsideARange(t *testing.T) {
+	const k = 1 << 10
+	c := newCoalescer(1, 1<<20, 8*k)
+	for _, r := range []Range{
+		{0, 0, 8 * k},       // A
+		{0, 17 * k, 20 * k}, // B: 9 KiB from A, on its own
+		{0, 26 * k, 40 * k}, // into B, over 20-26 KiB
+		{0, 12 * k, 14 * k}, // within reach of both: into A, the earlier
+		{0, 22 * k, 24 * k}, // in B's gap, and within 8 KiB of A: B, unchanged
+	} {
+		c.add(r)
+	}
+	want := []Range{{0, 0, 14 * k}, {0, 17 * k, 40 * k}}
+	if !slices.Equal(c.ranges, want) {
+		t.Fatalf("ranges\n%v, want\n%v", c.ranges, want)
+	}
+}
+
+// TestStartupSpan: the span ends when nine tenths of the bytes have been
+// read, not with a straggler; untimed frames give none.
+func TestStartupSpan(t *testing.T) {
+	var firsts []firstAccess
+	for i := range 10 {
+		firsts = append(firsts, firstAccess{int64(i+1) * int64(time.Second), 1000})
+	}
+	firsts = append(firsts, firstAccess{100 * int64(time.Second), 1000}) // read long after
+	if got := startupSpan(firsts); got != 10*time.Second {
+		t.Errorf("span %v, want 10s", got)
+	}
+	if got := startupSpan([]firstAccess{{0, 4096}, {0, 512}}); got != 0 {
+		t.Errorf("untimed frames: span %v, want 0", got)
+	}
+	if got := startupSpan(nil); got != 0 {
+		t.Errorf("no frames: span %v, want 0", got)
 	}
 }

@@ -20,8 +20,9 @@ const (
 	// ~1000 ranges) with 2 MB less on the link.
 	DefaultMergeGap       = 16 << 10
 	DefaultFullFetchChunk = 4 << 20
-	// DefaultStartupHold: a trace phase lasts at most this long past its
-	// own fetching, waiting for the start-up to end (see Plan.Run).
+	// DefaultStartupHold: a trace phase whose fetching is done is held,
+	// waiting for the start-up to end, until at most this long after the
+	// replay began (see Plan.Run).
 	DefaultStartupHold = 30 * time.Second
 	// DefaultFullFetchWorkers keeps the background phase light: it runs
 	// after start-up, beside the application's own reads.
@@ -46,8 +47,9 @@ type Options struct {
 	FullFetchBytesPerSecond int64
 	FullFetchWorkers        int
 	FullFetchChunk          int64
-	// StartupHold bounds how long the trace phase may outlast its own
-	// fetching (see Plan.Run); 0 = DefaultStartupHold, < 0 = not at all.
+	// StartupHold bounds how long after Run began the trace phase may be
+	// held once its fetching is done (see Plan.Run); 0 =
+	// DefaultStartupHold, < 0 = not at all.
 	StartupHold time.Duration
 }
 

@@ -80,7 +80,7 @@ type Config struct {
 	// RefillSize is the blob cache's fetch unit (0: its default, 256 KiB).
 	RefillSize int64
 	// BlockSize is the blob cache's unit of presence (0: its default,
-	// 16 KiB): what a prefetched range is rounded out to.
+	// 4 KiB): what a prefetched range is rounded out to.
 	BlockSize int64
 	// DeviceReadAhead is the device's readahead window in bytes (0: the
 	// device's default, 128 KiB): what one buffered miss asks the cache for.
@@ -167,21 +167,26 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	return res, nil
 }
 
-// keptTrace tells whether path holds a trace to replay. An empty file is
-// not one: it is what a recording run left when it failed (and, by
-// upstream's rule, would make the replay mount record instead).
+// keptTrace tells whether path holds a trace to replay: a recording that
+// finished (upstream's PATH.ok beside it). An empty file, or one without
+// its .ok, is what a recording run left when it failed (and an empty one,
+// by upstream's rule, would make the replay mount record instead).
 func keptTrace(path string) (bool, error) {
 	if path == "" {
 		return false, nil
 	}
-	fi, err := os.Stat(path)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-		return false, nil
-	case err != nil:
-		return false, fmt.Errorf("coldstart: trace: %w", err)
+	for _, p := range []string{path + ".ok", path} {
+		fi, err := os.Stat(p)
+		switch {
+		case errors.Is(err, fs.ErrNotExist):
+			return false, nil
+		case err != nil:
+			return false, fmt.Errorf("coldstart: trace: %w", err)
+		case p == path && fi.Size() == 0:
+			return false, nil
+		}
 	}
-	return fi.Size() > 0, nil
+	return true, nil
 }
 
 func (c Config) variants() []Variant {

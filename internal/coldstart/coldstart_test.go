@@ -140,17 +140,16 @@ func TestWriteChart(t *testing.T) {
 
 func TestKeptTrace(t *testing.T) {
 	dir := t.TempDir()
-	full, empty := filepath.Join(dir, "full.pb"), filepath.Join(dir, "empty.pb")
-	if err := os.WriteFile(full, []byte{1}, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(empty, nil, 0o644); err != nil {
-		t.Fatal(err)
+	full, empty, unfinished := filepath.Join(dir, "full.pb"), filepath.Join(dir, "empty.pb"), filepath.Join(dir, "unfinished.pb")
+	for path, data := range map[string][]byte{full: {1}, full + ".ok": nil, empty: nil, empty + ".ok": nil, unfinished: {1}} {
+		if err := os.WriteFile(path, data, 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for _, c := range []struct {
 		path string
 		want bool
-	}{{"", false}, {filepath.Join(dir, "none.pb"), false}, {empty, false}, {full, true}} {
+	}{{"", false}, {filepath.Join(dir, "none.pb"), false}, {empty, false}, {unfinished, false}, {full, true}} {
 		if got, err := keptTrace(c.path); err != nil || got != c.want {
 			t.Errorf("keptTrace(%q) = %v, %v; want %v", c.path, got, err, c.want)
 		}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"sync"
 	"sync/atomic"
 
 	"github.com/opencontainers/go-digest"
@@ -144,16 +145,15 @@ func openLayer(ctx context.Context, cache *blobcache.Cache, remote *registry.Ima
 	}
 	cb.FetchExactly(true)
 	defer cb.FetchExactly(false)
-	var g errgroup.Group
+	var wg sync.WaitGroup
 	head := [2]int64{0, min(desc.Size, openHeadBytes, cache.RefillSize())}
 	for _, r := range [][2]int64{head, openTail(desc.Size, cache.RefillSize())} {
-		g.Go(func() error {
+		wg.Go(func() {
 			// A failure shows again, and is reported, when the open reads it.
 			_, _ = cb.ReadAtContext(ctx, make([]byte, r[1]), r[0])
-			return nil
 		})
 	}
-	g.Wait()
+	wg.Wait()
 	// The blob keeps this reader for the life of the mount, so it reads
 	// without the caller's context; the fetcher's retry budget bounds it.
 	b, err := lsmt.OpenBlob(cb, desc.Size)
@@ -166,7 +166,8 @@ func openLayer(ctx context.Context, cache *blobcache.Cache, remote *registry.Ima
 // openHeadBytes is how much of a blob's start openLayer reads ahead of the
 // open: a tar wrapper's header, the ZFile header and the first compressed
 // block, which holds the LSMT header (a ZFile block is at most 64 KiB
-// before compression), or a refill window if that is smaller: the open
+// before compression, and seldom more after it), or a refill window if
+// that is smaller: the open
 // reads no more at once than a miss would. Whatever the open reads beyond
 // it, it fetches then.
 const openHeadBytes = 64 << 10

@@ -50,12 +50,19 @@ func (b *Blob) ReadAt(p []byte, off int64) (int, error) {
 }
 
 // FetchExactly(true) makes the blob's misses fetch only the blocks they
-// read, without their refill windows or readahead, until FetchExactly(false):
+// read, without their refill windows or readahead, until as many
+// FetchExactly(false) calls have ended it:
 // for reads whose neighbours are known to be of no use, as the header and
 // indexes an image reads when it is opened (on the cold-start benchmark's
 // images, 12-24 KiB of a blob's first 256 KiB window were in the start-up's
 // trace, and the rest crossed a slow link before any prefetch could start).
-func (b *Blob) FetchExactly(on bool) { b.s.exact.Store(on) }
+func (b *Blob) FetchExactly(on bool) {
+	if on {
+		b.s.exact.Add(1)
+	} else {
+		b.s.exact.Add(-1)
+	}
+}
 
 // ReadAtContext reads len(p) bytes at off, from disk where cached and through
 // the fetcher otherwise, with io.ReaderAt's contract: a read reaching the
@@ -88,7 +95,7 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 	// 256 KiB at 25 Mbit/s in its last 2.5 s once the prefetch had run
 	// ahead of it. Sequential readers still get the readahead.
 	want := fillRange{lo: 0, hi: s.nblocks, w1: s.window((end-1)/s.bs) + 1}
-	exact := s.exact.Load()
+	exact := s.exact.Load() > 0
 	if b.c.tracing.Load() > 0 || s.replayed.Load() || exact {
 		want.lo, want.hi = off/s.bs, (end-1)/s.bs+1
 	}

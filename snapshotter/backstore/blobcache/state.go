@@ -48,8 +48,9 @@ type blobState struct {
 	// start-up reads, and this blob's misses fetch only their own blocks
 	// from then on (see ReadAtContext). In memory only.
 	replayed atomic.Bool
-	// exact is set between FetchExactly(true) and FetchExactly(false).
-	exact    atomic.Bool
+	// exact counts FetchExactly(true) calls not yet ended by
+	// FetchExactly(false): an image may list one blob twice.
+	exact    atomic.Int64
 	streams  streams
 	crcs     []atomic.Uint32 // one per 4 KiB page
 	ref      []atomic.Uint64 // CLOCK referenced bit per window
