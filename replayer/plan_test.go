@@ -83,13 +83,21 @@ func BenchmarkNewPlan(b *testing.B) {
 	b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*len(frames)), "ns/frame")
 }
 
+// coalesced is a coalescer over layers blobs that has been given in, in order.
+func coalesced(layers int, mergeSize, mergeGap int64, in []Range) *coalescer {
+	c := newCoalescer(layers, mergeSize, mergeGap)
+	for _, r := range in {
+		c.add(r)
+	}
+	return c
+}
+
 // TestCoalescerMergesIntoEarlierRanges: a range joins any earlier range
 // of its blob within the gap, not only the last one, picks the earliest
 // when several qualify, and respects the gap and the merge size.
 func TestCoalescerMergesIntoEarlierRanges(t *testing.T) {
 	const k = 1 << 10
-	c := newCoalescer(2, 1<<20, 8*k)
-	for _, r := range []Range{
+	c := coalesced(2, 1<<20, 8*k, []Range{
 		{0, 0, 4 * k},           // A
 		{0, 20 * k, 24 * k},     // B: 16 KiB from A, on its own
 		{1, 0, 4 * k},           // another blob
@@ -99,9 +107,7 @@ func TestCoalescerMergesIntoEarlierRanges(t *testing.T) {
 		{0, 1104 * k, 1200 * k}, // D would outgrow the merge size
 		{1, 4 * k, 8 * k},       // touches the other blob's range
 		{0, 2 * k, 6 * k},       // inside A as merged: A unchanged
-	} {
-		c.add(r)
-	}
+	})
 	want := []Range{{0, 0, 14 * k}, {0, 20 * k, 24 * k}, {1, 0, 8 * k}, {0, 33 * k, 36 * k},
 		{0, 100 * k, 1100 * k}, {0, 1104 * k, 1200 * k}}
 	if !slices.Equal(c.ranges, want) {
@@ -156,15 +162,12 @@ func TestCoalescerNeverLate(t *testing.T) {
 // in later ones only up to mergeEarlierSize; the last grows to MergeSize.
 func TestCoalescerEarlierRangesStaySmall(t *testing.T) {
 	const k = 1 << 10
-	c := newCoalescer(1, 1<<20, 8*k)
-	for _, r := range []Range{
+	c := coalesced(1, 1<<20, 8*k, []Range{
 		{0, 0, 200 * k},
 		{0, 1024 * k, 1028 * k},
 		{0, 204 * k, 300 * k},   // the first would grow to 300 KiB
 		{0, 1032 * k, 1124 * k}, // the last grows
-	} {
-		c.add(r)
-	}
+	})
 	want := []Range{{0, 0, 200 * k}, {0, 1024 * k, 1124 * k}, {0, 204 * k, 300 * k}}
 	if !slices.Equal(c.ranges, want) {
 		t.Fatalf("ranges\n%v, want\n%v", c.ranges, want)
@@ -176,16 +179,13 @@ func TestCoalescerEarlierRangesStaySmall(t *testing.T) {
 // is within reach too.
 func TestCoalescerFrameInsideARange(t *testing.T) {
 	const k = 1 << 10
-	c := newCoalescer(1, 1<<20, 8*k)
-	for _, r := range []Range{
+	c := coalesced(1, 1<<20, 8*k, []Range{
 		{0, 0, 8 * k},       // A
 		{0, 17 * k, 20 * k}, // B: 9 KiB from A, on its own
 		{0, 26 * k, 40 * k}, // into B, over 20-26 KiB
 		{0, 12 * k, 14 * k}, // within reach of both: into A, the earlier
 		{0, 22 * k, 24 * k}, // in B's gap, and within 8 KiB of A: B, unchanged
-	} {
-		c.add(r)
-	}
+	})
 	want := []Range{{0, 0, 14 * k}, {0, 17 * k, 40 * k}}
 	if !slices.Equal(c.ranges, want) {
 		t.Fatalf("ranges\n%v, want\n%v", c.ranges, want)
