@@ -143,8 +143,7 @@ func openLayer(ctx context.Context, cache *blobcache.Cache, remote *registry.Ima
 	if err != nil {
 		return Layer{}, fmt.Errorf("backstore: layer %d: %w", i, err)
 	}
-	cb.FetchExactly(true)
-	defer cb.FetchExactly(false)
+	defer cb.FetchExactly()()
 	var wg sync.WaitGroup
 	head := [2]int64{0, min(desc.Size, openHeadBytes, cache.RefillSize())}
 	for _, r := range [][2]int64{head, openTail(desc.Size, cache.RefillSize())} {
@@ -166,10 +165,9 @@ func openLayer(ctx context.Context, cache *blobcache.Cache, remote *registry.Ima
 // openHeadBytes is how much of a blob's start openLayer reads ahead of the
 // open: a tar wrapper's header, the ZFile header and the first compressed
 // block, which holds the LSMT header (a ZFile block is at most 64 KiB
-// before compression, and seldom more after it), or a refill window if
-// that is smaller: the open
-// reads no more at once than a miss would. Whatever the open reads beyond
-// it, it fetches then.
+// before compression, and seldom more after it); or a refill window if that
+// is smaller, so the open reads no more at once than a miss would. Whatever
+// the open reads beyond it, it fetches then.
 const openHeadBytes = 64 << 10
 
 // openTail is the range of a blob's end openLayer reads ahead of the open,

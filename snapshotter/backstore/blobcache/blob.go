@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"sync"
 
 	"github.com/opencontainers/go-digest"
 )
@@ -49,19 +50,17 @@ func (b *Blob) ReadAt(p []byte, off int64) (int, error) {
 	return b.ReadAtContext(context.Background(), p, off)
 }
 
-// FetchExactly(true) makes the blob's misses fetch only the blocks they
-// read, without their refill windows or readahead, until as many
-// FetchExactly(false) calls have ended it:
-// for reads whose neighbours are known to be of no use, as the header and
-// indexes an image reads when it is opened (on the cold-start benchmark's
-// images, 12-24 KiB of a blob's first 256 KiB window were in the start-up's
-// trace, and the rest crossed a slow link before any prefetch could start).
-func (b *Blob) FetchExactly(on bool) {
-	if on {
-		b.s.exact.Add(1)
-	} else {
-		b.s.exact.Add(-1)
-	}
+// FetchExactly makes the blob's misses fetch only the blocks they read,
+// without their refill windows or readahead, until the function it returns
+// is called (calls nest: an image may list one blob twice). It is for reads
+// whose neighbours are known to be of no use, as the header and indexes an
+// image reads when it is opened (on the cold-start benchmark's images,
+// 12-24 KiB of a blob's first 256 KiB window were in the start-up's trace,
+// and the rest crossed a slow link before any prefetch could start).
+func (b *Blob) FetchExactly() (end func()) {
+	b.s.exact.Add(1)
+	var once sync.Once
+	return func() { once.Do(func() { b.s.exact.Add(-1) }) }
 }
 
 // ReadAtContext reads len(p) bytes at off, from disk where cached and through

@@ -209,17 +209,20 @@ func TestMissesStaySmallAfterReplay(t *testing.T) {
 	}
 }
 
-// TestFetchExactly: between FetchExactly(true) and (false) a miss fetches
-// its own blocks; after it, its refill window again.
+// TestFetchExactly: until every FetchExactly has ended (and ending one
+// twice ends it once), a miss fetches its own blocks; after, its refill
+// window again.
 func TestFetchExactly(t *testing.T) {
 	c := openCache(t, t.TempDir(), Options{BlockSize: 4 * kib})
 	m := newMemFetcher(1*mib, 48)
 	b := openBlob(t, c, m, nil)
-	b.FetchExactly(true)
+	endOuter, endInner := b.FetchExactly(), b.FetchExactly()
+	endInner()
+	endInner()
 	if _, err := b.ReadAt(make([]byte, 512), 1*mib-512); err != nil {
 		t.Fatal(err)
 	}
-	b.FetchExactly(false)
+	endOuter()
 	if _, err := b.ReadAt(make([]byte, 512), 0); err != nil {
 		t.Fatal(err)
 	}

@@ -48,8 +48,7 @@ type blobState struct {
 	// start-up reads, and this blob's misses fetch only their own blocks
 	// from then on (see ReadAtContext). In memory only.
 	replayed atomic.Bool
-	// exact counts FetchExactly(true) calls not yet ended by
-	// FetchExactly(false): an image may list one blob twice.
+	// exact counts the FetchExactly calls not yet ended.
 	exact    atomic.Int64
 	streams  streams
 	crcs     []atomic.Uint32 // one per 4 KiB page
