@@ -164,6 +164,11 @@ type ReplayConfig struct {
 	// FullFetch fetches the rest of every layer after the trace, for every
 	// image (the download-remote-blob label asks it for one image).
 	FullFetch bool `mapstructure:"full_fetch" json:"full_fetch,omitempty"`
+	// StartupHold bounds how long after the mount a replay whose ranges
+	// are in keeps its trace phase (readaheads off, misses small) for the
+	// rest of the recorded start-up: 0 = replayer.DefaultStartupHold (30
+	// s), negative = not at all.
+	StartupHold time.Duration `mapstructure:"startup_hold" json:"startup_hold,omitempty"`
 }
 
 // ServerConfig governs the per-image backstore servers.

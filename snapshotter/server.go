@@ -108,6 +108,7 @@ func runServer(ctx context.Context, spec ServerSpec, log zerolog.Logger) error {
 		Replay: replayer.Options{
 			Workers: spec.Replay.Workers, BytesPerSecond: spec.Replay.BytesPerSecond,
 			MaxFrames: spec.Replay.MaxFrames, FullFetch: spec.Replay.FullFetch,
+			StartupHold: spec.Replay.StartupHold,
 		},
 		Logger: log,
 		Ready:  func(backstore.State) { backstore.NotifyReady(nil) },

@@ -33,6 +33,7 @@ registry:
     docker.io: [mirror.example:5000, "http://m2.example"]
 replay:
   workers: 3
+  startup_hold: -1s
 server:
   ready_timeout: 30s
 `), 0o600); err != nil {
@@ -54,6 +55,7 @@ server:
 		"address (env)":        {cfg.Address, "/env/sock"},
 		"cache (env)":          {cfg.Cache.MaxBytes, int64(2000000000)},
 		"workers (file)":       {cfg.Replay.Workers, 3},
+		"hold (file)":          {cfg.Replay.StartupHold, -time.Second},
 		"ready (file)":         {cfg.Server.ReadyTimeout, 30 * time.Second},
 		"replay (default)":     {cfg.Replay.Enabled, true},
 		"stop grace (default)": {cfg.Server.StopGrace, snapshotter.DefaultStopGrace},
