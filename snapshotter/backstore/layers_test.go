@@ -2,7 +2,6 @@ package backstore
 
 import (
 	"encoding/json"
-	"io"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -78,12 +77,7 @@ func twoLayerLayout(t *testing.T) (dir string, base, hello digest.Digest) {
 	}
 	copyBlob(m.Config)
 	copyBlob(m.Layers[0])
-	f, err := os.Open(testdata.Baselayer(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	b, err := io.ReadAll(f)
+	b, err := os.ReadFile(testdata.Baselayer(t))
 	if err != nil {
 		t.Fatal(err)
 	}
