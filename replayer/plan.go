@@ -177,7 +177,7 @@ func unionBytes(ranges []Range, layers int) int64 {
 	return n
 }
 
-// coveredBytes is the bytes of the ranges added, each byte once.
+// coveredBytes is the bytes of the frames added, each byte once.
 func (c *coalescer) coveredBytes() int64 {
 	var n int64
 	for i := range c.covered {
@@ -220,9 +220,10 @@ func matchLayers(t *trace.Trace, layers []Layer) []int {
 // coalescer builds the ordered range list: a frame's range merges into an
 // earlier range of the same blob when they overlap or lie within MergeGap
 // and the result stays within the size limits below; a frame whose bytes
-// earlier frames already covered is dropped. Any earlier range will do, not only the last: a start-up reads
-// files that lie side by side in the blob at different moments, and small
-// ranges fetched apart cost a request each (the Django start-up's 996
+// earlier frames already covered is dropped. Any earlier range will do,
+// not only the last: a start-up reads files that lie side by side in the
+// blob at different moments, and small ranges fetched apart cost a request
+// each (the Django start-up's 996
 // ranges took 585-596 requests when only neighbours in the trace merged,
 // 380-400 when any do; its replay 10.8 -> 9.1 s at 25 Mbit/s with the
 // other changes of that day). The merged range keeps the earlier one's
