@@ -128,6 +128,17 @@ func runBench(b *testing.B, name string, cfg Config) {
 	}
 	defer logf.Close()
 	cfg.Logger = zerolog.New(logf).Level(zerolog.WarnLevel)
+	if path := os.Getenv("OBDTRACE_COLDSTART_LOG"); path != "" { // debug records with µs times: where a start's time goes
+		f, err := os.Create(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer f.Close()
+		cfg.Logger = zerolog.New(f).Level(zerolog.DebugLevel).Hook(zerolog.HookFunc(func(e *zerolog.Event, _ zerolog.Level, _ string) {
+			e.Int64("t_us", time.Now().UnixMicro())
+		}))
+		cfg.Link.Logger = cfg.Logger // each request through the proxy
+	}
 	cfg.RefillSize = envInt(b, "OBDTRACE_COLDSTART_REFILL", 0)
 	cfg.BlockSize = envInt(b, "OBDTRACE_COLDSTART_BLOCK", 0)
 	cfg.DeviceReadAhead = int(envInt(b, "OBDTRACE_COLDSTART_DEVICE_RA", 0))
