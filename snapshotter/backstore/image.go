@@ -70,7 +70,7 @@ type OpenOptions struct {
 // OpenImage opens the overlaybd image ref through client and cache. Only
 // the layers' headers and indexes are fetched.
 func OpenImage(ctx context.Context, client *registry.Client, cache *blobcache.Cache, ref string, opts OpenOptions) (*Image, error) {
-	remote, err := client.Resolve(ctx, ref)
+	remote, err := client.ResolveManifest(ctx, ref)
 	if err != nil {
 		return nil, err
 	}

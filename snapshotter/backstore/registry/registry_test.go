@@ -6,14 +6,17 @@ import (
 	"errors"
 	"io"
 	"math/rand/v2"
+	"net/url"
 	"os"
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
 	testreg "github.com/obdtrace/obdtrace/internal/testutil/registry"
+	"github.com/obdtrace/obdtrace/internal/wanproxy"
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 )
@@ -117,6 +120,50 @@ func TestResolveByTagAndDigest(t *testing.T) {
 	}
 	if _, err := c.Resolve(ctxT(t), "Not A Ref"); !errors.Is(err, ErrInvalidReference) {
 		t.Errorf("bad reference: %v, want ErrInvalidReference", err)
+	}
+}
+
+// TestResolveManifestSkipsTheConfig counts the requests at a transparent
+// wanproxy in front of the registry: a mount resolves without reading the
+// config, and FetchConfig then reads just it.
+func TestResolveManifestSkipsTheConfig(t *testing.T) {
+	srv := testreg.Start(t, testreg.Options{})
+	ref := srv.PushHelloWorld(t)
+	up, err := url.Parse("http://" + srv.Host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := wanproxy.New(up, wanproxy.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr, stop, err := p.Start(ctxT(t), "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = stop() })
+	c := newClient(t, addr, Options{})
+	_, path, _ := strings.Cut(ref, "/")
+
+	img, err := c.ResolveManifest(ctxT(t), addr+"/"+path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := p.Stats().Requests; n != 2 {
+		t.Errorf("ResolveManifest made %d requests, want 2 (HEAD and GET of the manifest)", n)
+	}
+	if len(img.Layers) != 1 || img.Config.Config.Cmd != nil || img.Platform.OS != "" {
+		t.Errorf("ResolveManifest: %d layers, config %+v, platform %+v: want 1 layer and no config", len(img.Layers), img.Config.Config, img.Platform)
+	}
+	if err := c.FetchConfig(ctxT(t), img); err != nil {
+		t.Fatal(err)
+	}
+	if n := p.Stats().Requests; n != 3 {
+		t.Errorf("%d requests after FetchConfig, want 3", n)
+	}
+	checkConverted(t, img, addr)
+	if err := c.FetchConfig(ctxT(t), &Image{Ref: "elsewhere/x:y"}); err == nil {
+		t.Error("FetchConfig of an image this client did not resolve: no error")
 	}
 }
 

@@ -27,7 +27,8 @@ const (
 	maxIndexDepth = 4
 )
 
-// Image is a resolved image: one platform's manifest with its config.
+// Image is a resolved image: one platform's manifest with its config (the
+// config only when Resolve or FetchConfig read it).
 type Image struct {
 	// Ref is the normalised reference resolved, e.g.
 	// "docker.io/library/hello-world:latest".
@@ -45,12 +46,28 @@ type Image struct {
 	Platform ocispec.Platform
 	// Layers are the manifest's layers, bottom first, annotations included.
 	Layers []ocispec.Descriptor
+
+	fetcher remotes.Fetcher // what resolved it, for FetchConfig
 }
 
 // Resolve resolves ref (a tag or digest reference) to an image. An index is
 // narrowed to the client's platform. Every manifest, index and config read is
 // checked against its digest.
 func (c *Client) Resolve(ctx context.Context, ref string) (*Image, error) {
+	img, err := c.ResolveManifest(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	if err := c.FetchConfig(ctx, img); err != nil {
+		return nil, err
+	}
+	return img, nil
+}
+
+// ResolveManifest is Resolve without the config: img.Config is left zero,
+// and img.Platform too unless an index named it. A block device needs only
+// the layers, so mounting skips the config's round trip.
+func (c *Client) ResolveManifest(ctx context.Context, ref string) (*Image, error) {
 	named, err := reference.ParseDockerRef(ref)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %q: %w", ErrInvalidReference, ref, err)
@@ -79,17 +96,27 @@ func (c *Client) Resolve(ctx context.Context, ref string) (*Image, error) {
 	if err := c.resolveManifest(ctx, fetcher, img, desc); err != nil {
 		return nil, err
 	}
-	raw, err := c.fetchVerified(ctx, fetcher, img.Manifest.Config)
+	img.fetcher = fetcher
+	return img, nil
+}
+
+// FetchConfig reads img's config into img.Config, checked against its
+// digest, and takes img.Platform from it when no index named one.
+func (c *Client) FetchConfig(ctx context.Context, img *Image) error {
+	if img.fetcher == nil {
+		return fmt.Errorf("registry: FetchConfig: %s was not resolved by this client", img.Ref)
+	}
+	raw, err := c.fetchVerified(ctx, img.fetcher, img.Manifest.Config)
 	if err != nil {
-		return nil, classify(img.Ref, err)
+		return classify(img.Ref, err)
 	}
 	if err := json.Unmarshal(raw, &img.Config); err != nil {
-		return nil, fmt.Errorf("%w: config %s of %s: %w", ErrInvalidManifest, img.Manifest.Config.Digest, img.Ref, err)
+		return fmt.Errorf("%w: config %s of %s: %w", ErrInvalidManifest, img.Manifest.Config.Digest, img.Ref, err)
 	}
 	if img.IndexDigest == "" {
 		img.Platform = img.Config.Platform
 	}
-	return img, nil
+	return nil
 }
 
 // resolveManifest follows indexes from desc down to one manifest.
