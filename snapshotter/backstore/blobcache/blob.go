@@ -98,7 +98,7 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 	if b.c.tracing.Load() > 0 || s.replayed.Load() || exact {
 		want.lo, want.hi = off/s.bs, (end-1)/s.bs+1
 	}
-	sequential := b.c.readaheadOn() && !s.complete.Load() && !exact
+	sequential := b.c.readaheadOn() && !s.complete.Load() && !exact && !b.c.storageDown()
 	if sequential {
 		b.checkMarks(off/s.bs, (end-1)/s.bs, off, end)
 	}
@@ -115,7 +115,17 @@ func (b *Blob) ReadAtContext(ctx context.Context, p []byte, off int64) (int, err
 			sequential = false // once per read
 			b.onMiss(off, end)
 		}
-		if err := b.readBlock(ctx, i, p[pos-off:pos-off+take], pos-bstart, want); err != nil {
+		err := errStorageDown
+		if s.complete.Load() || s.has(i) || !b.c.storageDown() {
+			err = b.readBlock(ctx, i, p[pos-off:pos-off+take], pos-bstart, want)
+		}
+		if errors.Is(err, ErrStorage) && ctx.Err() == nil {
+			// The cache cannot store or read the block: the rest of the
+			// read comes straight from the source, in one request.
+			err = b.readThrough(ctx, p[pos-off:end-off], pos)
+			take = end - pos
+		}
+		if err != nil {
 			return n, err
 		}
 		pos += take
@@ -291,7 +301,8 @@ func (s *blobState) readPages(p0 int64, buf []byte) (bool, error) {
 	n, err := s.data.ReadAt(buf, p0*pageSize)
 	if err != nil && !(errors.Is(err, io.EOF) && n == len(buf)) {
 		if !errors.Is(err, io.EOF) {
-			return false, fmt.Errorf("blobcache: read %s at %d: %w", s.dgst, p0*pageSize, err)
+			s.c.storageFailed()
+			return false, fmt.Errorf("%w: read %s at %d: %w", ErrStorage, s.dgst, p0*pageSize, err)
 		}
 		// The data file was truncated behind our back: the CRCs will fail
 		// and the block is refetched.

@@ -47,6 +47,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sys/unix"
@@ -64,6 +65,10 @@ var (
 	ErrDigestMismatch = errors.New("blobcache: blob content does not match its digest")
 	ErrIncomplete     = errors.New("blobcache: blob not fully cached")
 	ErrInvalidMeta    = errors.New("blobcache: invalid meta file")
+	// ErrStorage wraps a failure of the cache's own files (a full or
+	// failing disk). Reads do not fail with it: they read through to the
+	// source (Stats.UncachedBytes) while the disk fails.
+	ErrStorage = errors.New("blobcache: cache storage failed")
 )
 
 // Defaults for the zero values of Options (upstream overlaybd's cacheConfig,
@@ -192,6 +197,10 @@ type Cache struct {
 
 	stats   counters
 	metrics metrics
+	// storageFailedAt is when the cache's files last failed (unix ns, 0:
+	// never); for storageRetry after it misses read through.
+	storageFailedAt atomic.Int64
+	storageRetry    time.Duration
 }
 
 // Open opens (creating if needed) the cache in dir, reloading what earlier
@@ -213,12 +222,13 @@ func Open(dir string, opts Options) (*Cache, error) {
 		return nil, fmt.Errorf("%w: %s: %w", ErrLocked, dir, err)
 	}
 	c := &Cache{
-		dir:     dir,
-		opts:    opts,
-		lock:    lock,
-		blobs:   make(map[digest.Digest]*blobState),
-		gate:    newPrefetchGate(),
-		metrics: newMetrics(),
+		dir:          dir,
+		opts:         opts,
+		lock:         lock,
+		blobs:        make(map[digest.Digest]*blobState),
+		gate:         newPrefetchGate(),
+		metrics:      newMetrics(),
+		storageRetry: storageRetryAfter,
 	}
 	c.bgCtx, c.bgStop = context.WithCancel(context.Background())
 	c.spanPools = make([]sync.Pool, bits.Len64(uint64(c.maxSpan()/opts.RefillSize-1))+1)

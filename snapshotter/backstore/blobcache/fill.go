@@ -3,6 +3,7 @@ package blobcache
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"time"
 )
@@ -187,7 +188,9 @@ func (b *Blob) run(ctx context.Context, sp *span, kind fillKind) error {
 	}
 	s.release(sp, err)
 	if err != nil {
-		b.c.stats.fetchErrors.Add(1)
+		if !errors.Is(err, ErrStorage) {
+			b.c.stats.fetchErrors.Add(1)
+		}
 		return err
 	}
 	b.c.evict()
@@ -252,10 +255,12 @@ func (b *Blob) fetchSpan(ctx context.Context, first int64, missing []bool) error
 	for _, run := range runs(missing[lo:hi]) {
 		a, z := int64(run[0])*s.bs, min(int64(run[1])*s.bs, int64(len(buf)))
 		if _, err := s.data.WriteAt(buf[a:z], off+a); err != nil {
-			return fmt.Errorf("blobcache: write %s at %d: %w", s.dgst, off+a, err)
+			b.c.storageFailed()
+			return fmt.Errorf("%w: write %s at %d: %w", ErrStorage, s.dgst, off+a, err)
 		}
 	}
 	if err := s.publish(first+int64(lo), missing[lo:hi], buf); err != nil {
+		b.c.storageFailed()
 		return err
 	}
 	s.c.startFlush(s)
@@ -281,7 +286,7 @@ func (s *blobState) publish(first int64, missing []bool, buf []byte) error {
 	for _, run := range runs(missing) {
 		c0, c1 := int64(run[0])*s.bs/pageSize*4, min(int64(run[1])*s.bs/pageSize*4, int64(len(crcs)))
 		if _, err := s.meta.WriteAt(crcs[c0:c1], s.layout.crcs+base/pageSize*4+c0); err != nil {
-			return fmt.Errorf("blobcache: record %s checksums: %w", s.dgst, err)
+			return fmt.Errorf("%w: record %s checksums: %w", ErrStorage, s.dgst, err)
 		}
 	}
 	var added int64

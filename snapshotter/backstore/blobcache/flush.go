@@ -53,7 +53,7 @@ func (s *blobState) flushOnce() bool {
 	if err := unix.Fdatasync(int(s.data.Fd())); err != nil {
 		// Leave the marks unwritten: the blocks stay readable now and are
 		// refetched after a restart.
-		s.c.stats.ioErrors.Add(1)
+		s.c.storageFailed()
 		return true
 	}
 	s.mu.Lock()
@@ -69,7 +69,7 @@ func (s *blobState) flushOnce() bool {
 		return true
 	}
 	if err := s.writeMarks(batch); err != nil {
-		s.c.stats.ioErrors.Add(1)
+		s.c.storageFailed()
 	}
 	return true
 }

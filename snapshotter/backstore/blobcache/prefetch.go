@@ -31,6 +31,9 @@ func (b *Blob) Prefetch(ctx context.Context, off, n int64) error {
 	if off >= end || s.complete.Load() {
 		return nil
 	}
+	if b.c.storageDown() {
+		return fmt.Errorf("%s: prefetch [%d, %d): %w", s.dgst, off, end, errStorageDown)
+	}
 	lo, hi := off/s.bs, (end-1)/s.bs+1
 	ticket := b.c.gate.enter()
 	defer b.c.gate.leave(ticket)

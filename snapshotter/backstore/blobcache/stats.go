@@ -22,6 +22,7 @@ type counters struct {
 	planned                    atomic.Int64
 	demandPlanned, demandOther atomic.Int64
 	demandPlannedFetches       atomic.Int64
+	uncached                   atomic.Int64
 }
 
 type blobCounters struct {
@@ -31,14 +32,17 @@ type blobCounters struct {
 // Stats are cache-wide counters since Open. Block lookups count once per
 // block a read touches.
 type Stats struct {
-	Hits             int64 // block lookups served from disk
-	Misses           int64 // block lookups that needed a fetch
-	Coalesced        int64 // fills that joined a fetch already in flight
-	Fetches          int64 // range fetches completed (demand and prefetch)
-	BytesFetched     int64
-	BytesServed      int64
-	FetchErrors      int64
-	IOErrors         int64 // local disk errors while evicting
+	Hits         int64 // block lookups served from disk
+	Misses       int64 // block lookups that needed a fetch
+	Coalesced    int64 // fills that joined a fetch already in flight
+	Fetches      int64 // range fetches completed (demand and prefetch)
+	BytesFetched int64
+	BytesServed  int64
+	FetchErrors  int64
+	IOErrors     int64 // failures of the cache's own files (storing, reading, syncing, evicting)
+	// UncachedBytes were read straight from the source for readers because
+	// the cache's files failed (a full or failing disk): ErrStorage.
+	UncachedBytes    int64
 	CorruptBlocks    int64 // blocks that failed their CRC and were dropped
 	DigestMismatches int64 // complete blobs whose bytes hashed wrong
 	EvictedBytes     int64
@@ -81,7 +85,7 @@ func (c *Cache) Stats() Stats {
 	return Stats{
 		Hits: c.stats.hits.Load(), Misses: c.stats.misses.Load(), Coalesced: c.stats.coalesced.Load(),
 		Fetches: c.stats.fetches.Load(), BytesFetched: c.stats.fetched.Load(), BytesServed: c.stats.served.Load(),
-		FetchErrors: c.stats.fetchErrors.Load(), IOErrors: c.stats.ioErrors.Load(),
+		FetchErrors: c.stats.fetchErrors.Load(), IOErrors: c.stats.ioErrors.Load(), UncachedBytes: c.stats.uncached.Load(),
 		CorruptBlocks: c.stats.corrupt.Load(), DigestMismatches: c.stats.digestMismatches.Load(),
 		EvictedBytes: c.stats.evicted.Load(), DiscardedBlobs: c.stats.discarded.Load(),
 		UsedBytes: c.used.Load(), MaxBytes: c.opts.MaxBytes,
@@ -153,7 +157,8 @@ func newMetrics() metrics {
 			d("fetched_bytes_total", "Bytes fetched from the source.", c, func(s Stats) float64 { return float64(s.BytesFetched) }),
 			d("served_bytes_total", "Bytes returned to readers.", c, func(s Stats) float64 { return float64(s.BytesServed) }),
 			d("fetch_errors_total", "Fills that failed.", c, func(s Stats) float64 { return float64(s.FetchErrors) }),
-			d("io_errors_total", "Local disk errors while evicting.", c, func(s Stats) float64 { return float64(s.IOErrors) }),
+			d("io_errors_total", "Failures of the cache's own files (storing, reading, syncing, evicting).", c, func(s Stats) float64 { return float64(s.IOErrors) }),
+			d("uncached_bytes_total", "Bytes read straight from the source because the cache's files failed.", c, func(s Stats) float64 { return float64(s.UncachedBytes) }),
 			d("corrupt_blocks_total", "Cached blocks that failed their checksum.", c, func(s Stats) float64 { return float64(s.CorruptBlocks) }),
 			d("digest_mismatches_total", "Fully cached blobs that failed their digest.", c, func(s Stats) float64 { return float64(s.DigestMismatches) }),
 			d("evicted_bytes_total", "Bytes evicted to stay under the size bound.", c, func(s Stats) float64 { return float64(s.EvictedBytes) }),
