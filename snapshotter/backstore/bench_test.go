@@ -7,10 +7,12 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -21,6 +23,7 @@ import (
 
 	"github.com/obdtrace/obdtrace/internal/testutil/registry"
 	"github.com/obdtrace/obdtrace/internal/testutil/testdata"
+	"github.com/obdtrace/obdtrace/internal/wanproxy"
 	"github.com/obdtrace/obdtrace/lsmt"
 	"github.com/obdtrace/obdtrace/lsmt/tarwrap"
 	"github.com/obdtrace/obdtrace/lsmt/zfile"
@@ -127,7 +130,14 @@ func pushLayerImage(b *testing.B, client *regclient.Client, ref, blobPath string
 // Metrics: the MB/s are means over rounds, of blob bytes; ratio is the
 // median of the per-round ratios cold/raw (ratio-min, ratio-max: their
 // range), blob-ratio and cached-ratio the medians of blob/raw and
-// cached/raw.
+// cached/raw; raw-cpu-ms/MB and cold-cpu-ms/MB the machine's busy CPU time
+// (all processes and the kernel, from /proc/stat) per MB of blob during
+// the raw download and the cold read, means over rounds.
+//
+// OBD_BENCH_LINK_RATE (e.g. 1gbit) puts the registry behind the project's
+// WAN proxy at that rate, with OBD_BENCH_LINK_RTT (default 0) added per
+// request, for both the raw download and the reads: a registry across a
+// network instead of one sharing this machine's CPUs.
 func BenchmarkColdSequentialRead(b *testing.B) {
 	if os.Geteuid() != 0 {
 		b.Skip("needs root")
@@ -135,11 +145,12 @@ func BenchmarkColdSequentialRead(b *testing.B) {
 	const size = 256 << 20
 	work := b.TempDir()
 	reg := registry.Start(b, registry.Options{})
-	client, err := regclient.New(regclient.Options{PlainHTTP: []string{reg.Host}})
+	host := linkTo(b, reg.Host)
+	client, err := regclient.New(regclient.Options{PlainHTTP: []string{host}})
 	if err != nil {
 		b.Fatal(err)
 	}
-	ref := reg.Host + "/big:latest"
+	ref := host + "/big:latest"
 	blobSize := pushLayerImage(b, client, ref, bigLayer(b, work, size))
 	img0, err := client.Resolve(context.Background(), ref)
 	if err != nil {
@@ -162,9 +173,12 @@ func BenchmarkColdSequentialRead(b *testing.B) {
 
 	var sum [4]float64 // raw, cold, cached, blob
 	var ratios [3][]float64
+	var cpu [2]time.Duration // raw, cold
 	var st blobcache.Stats
 	for i := 0; i < b.N; i++ {
+		busy := busyCPU(b)
 		raw := rawDownload(b, blobURL)
+		rawCPU := busyCPU(b) - busy
 		dir := filepath.Join(work, "cache"+strconv.Itoa(i))
 		cache, err := blobcache.Open(dir, blobcache.Options{})
 		if err != nil {
@@ -175,10 +189,14 @@ func BenchmarkColdSequentialRead(b *testing.B) {
 		// that brought the last bytes to finish its bookkeeping; bytes
 		// read ahead and never read do not count.
 		before := cache.Stats().BytesFetched
+		busy = busyCPU(b)
 		elapsed := readDevice(b, client, cache, ref, base, size)
 		if err := cache.Close(); err != nil {
 			b.Fatal(err)
 		}
+		coldCPU := busyCPU(b) - busy
+		cpu[0] += rawCPU
+		cpu[1] += coldCPU
 		st = cache.Stats()
 		fetched := st.BytesFetched - before - st.ReadaheadUnusedBytes
 		if fetched < blobSize*9/10 {
@@ -197,8 +215,9 @@ func BenchmarkColdSequentialRead(b *testing.B) {
 		}
 		os.RemoveAll(dir)
 		blob := readBlob(b, img0.Repo, layer, filepath.Join(work, "blob"+strconv.Itoa(i)))
-		b.Logf("round %d: raw %.0f MB/s, cold %.0f (%.2f), cached %.0f (%.2f), blob %.0f (%.2f); %d fetches, %d readahead bytes, %d unused",
-			i, raw/1e6, cold/1e6, cold/raw, cached/1e6, cached/raw, blob/1e6, blob/raw, st.Fetches, st.ReadaheadBytes, st.ReadaheadUnusedBytes)
+		b.Logf("round %d: raw %.0f MB/s, cold %.0f (%.2f), cached %.0f (%.2f), blob %.0f (%.2f); %d fetches, %d readahead bytes, %d unused; busy CPU per blob MB: raw %.2f ms, cold %.2f ms",
+			i, raw/1e6, cold/1e6, cold/raw, cached/1e6, cached/raw, blob/1e6, blob/raw, st.Fetches, st.ReadaheadBytes, st.ReadaheadUnusedBytes,
+			msPerMB(rawCPU, blobSize), msPerMB(coldCPU, blobSize))
 		for k, v := range []float64{raw, cold, cached, blob} {
 			sum[k] += v
 		}
@@ -220,6 +239,72 @@ func BenchmarkColdSequentialRead(b *testing.B) {
 	b.ReportMetric(ratios[1][b.N/2], "cached-ratio")
 	b.ReportMetric(ratios[2][b.N/2], "blob-ratio")
 	b.ReportMetric(float64(st.Fetches), "fetches")
+	b.ReportMetric(msPerMB(cpu[0]/time.Duration(b.N), blobSize), "raw-cpu-ms/MB")
+	b.ReportMetric(msPerMB(cpu[1]/time.Duration(b.N), blobSize), "cold-cpu-ms/MB")
+}
+
+// linkTo returns host, or with OBD_BENCH_LINK_RATE set, the address of a
+// WAN proxy in front of it at that rate (and OBD_BENCH_LINK_RTT).
+func linkTo(b *testing.B, host string) string {
+	rateEnv := os.Getenv("OBD_BENCH_LINK_RATE")
+	if rateEnv == "" {
+		return host
+	}
+	rate, err := wanproxy.ParseRate(rateEnv)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var rtt time.Duration
+	if s := os.Getenv("OBD_BENCH_LINK_RTT"); s != "" {
+		if rtt, err = time.ParseDuration(s); err != nil {
+			b.Fatalf("OBD_BENCH_LINK_RTT=%q: %v", s, err)
+		}
+	}
+	p, err := wanproxy.New(&url.URL{Scheme: "http", Host: host}, wanproxy.Options{BytesPerSecond: rate, RTT: rtt})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	addr, stop, err := p.Start(ctx, "127.0.0.1:0")
+	if err != nil {
+		cancel()
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		_ = stop()
+		cancel()
+	})
+	b.Logf("registry behind a %s link (%d B/s), RTT %v", rateEnv, rate, rtt)
+	return addr
+}
+
+// busyCPU is the machine's CPU time spent running since boot (user, nice,
+// system, irq, softirq; not idle, iowait or steal), from the first line of
+// /proc/stat: every process's and the kernel's, the registry and the loop
+// worker included.
+func busyCPU(b *testing.B) time.Duration {
+	raw, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		b.Fatal(err)
+	}
+	line, _, _ := strings.Cut(string(raw), "\n")
+	f := strings.Fields(line)
+	if len(f) < 8 || f[0] != "cpu" {
+		b.Fatalf("/proc/stat: unexpected first line %q", line)
+	}
+	var ticks int64
+	for _, v := range []string{f[1], f[2], f[3], f[6], f[7]} { // user, nice, system, irq, softirq
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			b.Fatalf("/proc/stat: %q: %v", line, err)
+		}
+		ticks += n
+	}
+	return time.Duration(ticks) * time.Second / 100 // USER_HZ
+}
+
+func msPerMB(d time.Duration, bytes int64) float64 {
+	return float64(d) / float64(time.Millisecond) / (float64(bytes) / 1e6)
 }
 
 // readBlob reads the layer blob sequentially in 1 MiB requests through a
