@@ -128,7 +128,7 @@ type Options struct {
 	// (and the largest single fetch): a multiple of RefillSize up to
 	// 64 MiB; it starts at four times the reader's request and doubles.
 	// Negative turns readahead off, and every fetch is then one window.
-	// With MaxBytes set it is also held to MaxBytes/8, and on a slow
+	// With MaxBytes set it is also held to MaxBytes/12, and on a slow
 	// source to about 250 ms of data; it pauses during a trace replay
 	// (Blob.Expect to Blob.EndExpect).
 	Readahead int64

@@ -25,10 +25,18 @@ import (
 // used one. The third request of a stream starts the readahead: a span
 // after the windows its request fetched, filled in the background, whose
 // first block carries the stream's mark. A request touching a mark, hit or
-// miss, starts the next span, twice as large, so a steady reader keeps
-// about one span in flight beyond the one it is reading. Random readers
-// rarely continue a stream twice in a row and fetch only the windows their
-// requests cover.
+// miss, starts the next span, twice as large, and the mark moves to it, so
+// a steady reader has one span in flight beyond the one it is reading.
+// Once a stream has read Options.Readahead bytes (16 MiB) it keeps two:
+// with one, the reader waits for a span to arrive whole, spends a while
+// reading it (FUSE, decompression), and only then starts the next, which
+// reaches a link a round trip later, so the link idles between spans (a
+// quarter of the time through 1 Gbit/s with 20 ms round trips). Shorter
+// streams keep one, as most of a container's start-up reads are: a second
+// span is what a stream that stops never reads, and on a slow link it
+// held the numpy start-up without a trace back by half a second. Random
+// readers rarely continue a stream twice in a row and fetch only the
+// windows their requests cover.
 
 // maxStreams bounds the sequential readers tracked per blob.
 const maxStreams = 4
@@ -39,9 +47,15 @@ const seqToReadahead = 2
 
 // stream is one sequential reader as the readahead sees it (byte offsets).
 type stream struct {
+	start int64  // where its first request started
 	next  int64  // end of the last request seen
 	hi    int64  // end of the windows fetched or in flight for it
 	ra    int64  // size of its last readahead span; 0 before the first
+	// ahead holds the first blocks of the spans started beyond the one
+	// the reader is in, oldest first (nAhead of them); the mark is on
+	// ahead[0].
+	ahead  [spansAhead]int64
+	nAhead int
 	seq   int    // requests that continued it
 	stamp uint64 // last use, for replacement
 }
@@ -110,7 +124,7 @@ func (b *Blob) onMiss(off, end int64) {
 	k := st.match(off, end, s.bs)
 	if k < 0 {
 		k = st.victim()
-		st.s[k] = stream{next: end, hi: s.windowEnd(end), stamp: st.clock}
+		st.s[k] = stream{start: off, next: end, hi: s.windowEnd(end), stamp: st.clock}
 		st.marks[k].Store(-1)
 		return
 	}
@@ -125,8 +139,10 @@ func (b *Blob) onMiss(off, end int64) {
 		// replay is fetching what the reader will need.
 		return
 	}
+	cur.nAhead = 0
 	cur.ra = grow(cur.ra, end-off, win, b.c.maxReadahead())
-	b.launch(k, cur)
+	b.launch(cur)
+	b.setMark(k, cur)
 }
 
 // onMark is called for a request [off, end) that touched stream k's mark m:
@@ -146,22 +162,47 @@ func (b *Blob) onMark(k int, m, off, end int64) {
 	cur.stamp = st.clock
 	cur.seq++
 	cur.next = max(cur.next, end)
-	cur.ra = grow(cur.ra, end-off, b.c.opts.RefillSize, b.c.maxReadahead())
-	b.launch(k, cur)
+	if cur.nAhead > 0 { // the span touched is no longer ahead
+		cur.nAhead--
+		copy(cur.ahead[:], cur.ahead[1:])
+	}
+	want := 1
+	if cur.next-cur.start >= b.c.opts.Readahead {
+		want = spansAhead
+	}
+	for cur.nAhead < want && cur.hi < b.s.size {
+		cur.ra = grow(cur.ra, end-off, b.c.opts.RefillSize, b.c.maxReadahead())
+		b.launch(cur)
+	}
+	b.setMark(k, cur)
 }
 
-// launch starts stream k's next readahead span, cur.ra bytes from cur.hi,
-// and sets its mark on the span's first block. Caller holds streams.mu.
-func (b *Blob) launch(k int, cur *stream) {
+// spansAhead is how many readahead spans a long stream keeps started
+// beyond the one its reader is in.
+const spansAhead = 2
+
+// setMark puts stream k's mark on the first span ahead of its reader, or
+// clears it. Caller holds streams.mu.
+func (b *Blob) setMark(k int, cur *stream) {
+	m := int64(-1)
+	if cur.nAhead > 0 {
+		m = cur.ahead[0]
+	}
+	b.s.streams.marks[k].Store(m)
+}
+
+// launch starts the stream's next readahead span, cur.ra bytes from
+// cur.hi, and adds it to cur.ahead. Caller holds streams.mu.
+func (b *Blob) launch(cur *stream) {
 	s := b.s
 	w0 := cur.hi / b.c.opts.RefillSize // hi is a window boundary or the end
-	if cur.hi >= s.size || cur.ra == 0 {
-		s.streams.marks[k].Store(-1)
+	if cur.hi >= s.size || cur.ra == 0 || cur.nAhead == spansAhead {
 		return
 	}
 	w1 := min(w0+cur.ra/b.c.opts.RefillSize, s.nwin)
 	cur.hi = min(w1*b.c.opts.RefillSize, s.size)
-	s.streams.marks[k].Store(w0 * s.bpw)
+	cur.ahead[cur.nAhead] = w0 * s.bpw
+	cur.nAhead++
 	// Claim the span's first windows now: the reader may be about to miss
 	// in them, and should wait for this fetch rather than start its own.
 	sp, _ := s.claim(w0*s.bpw, w0*s.bpw, s.nblocks, w1)
@@ -212,12 +253,13 @@ func (s *blobState) windowEnd(end int64) int64 {
 const readaheadHorizon = 250 * time.Millisecond
 
 // maxReadahead is the largest readahead span: Options.Readahead, lowered
-// so that two spans in flight stay within a quarter of MaxBytes, and to
-// what the source delivers in readaheadHorizon (at least one window).
+// so that the three spans a stream holds (the one read and two ahead) stay
+// within a quarter of MaxBytes, and to what the source delivers in
+// readaheadHorizon (at least one window).
 func (c *Cache) maxReadahead() int64 {
 	ra := c.opts.Readahead
 	if c.opts.MaxBytes > 0 {
-		ra = min(ra, c.opts.MaxBytes/8/c.opts.RefillSize*c.opts.RefillSize)
+		ra = min(ra, max(c.opts.RefillSize, c.opts.MaxBytes/12/c.opts.RefillSize*c.opts.RefillSize))
 	}
 	if bps := c.rate.bytesPerSecond(); bps > 0 && ra > 0 {
 		ra = min(ra, max(c.opts.RefillSize, int64(float64(bps)*readaheadHorizon.Seconds())/c.opts.RefillSize*c.opts.RefillSize))

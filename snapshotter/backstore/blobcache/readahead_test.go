@@ -125,9 +125,11 @@ func TestReadaheadResetsOnJump(t *testing.T) {
 	}
 	readSeq(t, b, m, 100*mib+512*kib, 102*mib, 512*kib)
 	c.background.Wait()
+	// 1.5 MiB more of 512 KiB requests: the new stream's first span (2 MiB)
+	// and the one its mark starts (4 MiB), not the old stream's 16 MiB.
 	sizes := fetchSizes(t, m)
-	if slices.Max(sizes) > 4*mib {
-		t.Errorf("fetches after the jump %v: the ramp did not start over", sizes)
+	if slices.Max(sizes) > 4*mib || !slices.Contains(sizes, 2*mib) {
+		t.Errorf("fetches after the jump %v: the ramp did not start over at 2 MiB", sizes)
 	}
 	if st := c.Stats(); st.ReadaheadUnusedBytes == 0 {
 		t.Error("the old stream's unread readahead is not counted")
@@ -152,15 +154,16 @@ func TestReadaheadOff(t *testing.T) {
 }
 
 // TestReadaheadHeldToMaxBytes: with a small cache the spans stay within
-// an eighth of it, so readahead does not evict what is being read.
+// a twelfth of it (three spans, a quarter), so readahead does not evict
+// what is being read.
 func TestReadaheadHeldToMaxBytes(t *testing.T) {
 	m := newMemFetcher(32*mib, 24)
-	c := openCache(t, t.TempDir(), Options{MaxBytes: 16 * mib})
+	c := openCache(t, t.TempDir(), Options{MaxBytes: 24 * mib})
 	b := openBlob(t, c, m, nil)
 	readSeq(t, b, m, 0, int64(len(m.data)), 512*kib)
 	c.background.Wait()
 	if sizes := fetchSizes(t, m); slices.Max(sizes) != 2*mib {
-		t.Errorf("fetch sizes %v, want at most MaxBytes/8 = 2 MiB", sizes)
+		t.Errorf("fetch sizes %v, want at most MaxBytes/12 = 2 MiB", sizes)
 	}
 }
 
@@ -229,4 +232,44 @@ func TestReadaheadFetchFailure(t *testing.T) {
 	}
 	failing.Store(false)
 	readSeq(t, b, m, 4*mib, 32*mib, 512*kib)
+}
+
+// TestReadaheadKeepsTwoSpansAhead: a stream keeps one span started
+// beyond the one its reader is in until it has read Options.Readahead
+// bytes, and two from then on, with the mark on the nearer one.
+func TestReadaheadKeepsTwoSpansAhead(t *testing.T) {
+	m := newMemFetcher(96*mib, 25)
+	c := openCache(t, t.TempDir(), Options{})
+	b := openBlob(t, c, m, nil)
+	stream := func() stream {
+		st := &b.s.streams
+		st.mu.Lock()
+		defer st.mu.Unlock()
+		for k := range st.s {
+			if st.s[k].stamp != 0 {
+				if m := st.marks[k].Load(); st.s[k].nAhead > 0 && m != st.s[k].ahead[0] {
+					t.Fatalf("mark at block %d, first span ahead at %d", m, st.s[k].ahead[0])
+				}
+				return st.s[k]
+			}
+		}
+		t.Fatal("no stream")
+		return stream{}
+	}
+	most := 0
+	for off := int64(0); off < 80*mib; off += 512 * kib {
+		readSeq(t, b, m, off, off+512*kib, 512*kib)
+		s := stream()
+		if s.next-s.start < DefaultReadahead && s.nAhead > 1 {
+			t.Fatalf("at %d MiB: %d spans ahead before the stream read %d bytes", off/mib, s.nAhead, DefaultReadahead)
+		}
+		most = max(most, s.nAhead)
+	}
+	if most != spansAhead {
+		t.Errorf("a long stream had at most %d spans ahead, want %d", most, spansAhead)
+	}
+	c.background.Wait()
+	if st := c.Stats(); st.ReadaheadHits == 0 {
+		t.Error("no read took a block from readahead")
+	}
 }
