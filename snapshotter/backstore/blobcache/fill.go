@@ -128,8 +128,10 @@ func (b *Blob) fill(ctx context.Context, need int64, want fillRange, kind fillKi
 		}
 		err := b.await(ctx, call)
 		// A readahead or prefetch that failed was not this reader's
-		// request: it tries once itself, and reports its own error.
-		if err == nil || retried || kind != fillDemand || call.kind == fillDemand || ctx.Err() != nil {
+		// request: it tries once itself, and reports its own error;
+		// unless the cache could not store what it fetched, which would
+		// fail the same way.
+		if err == nil || retried || kind != fillDemand || call.kind == fillDemand || ctx.Err() != nil || errors.Is(err, ErrStorage) {
 			return w + 1, err
 		}
 	}

@@ -47,17 +47,17 @@ const seqToReadahead = 2
 
 // stream is one sequential reader as the readahead sees it (byte offsets).
 type stream struct {
-	start int64  // where its first request started
-	next  int64  // end of the last request seen
-	hi    int64  // end of the windows fetched or in flight for it
-	ra    int64  // size of its last readahead span; 0 before the first
+	start int64 // where its first request started
+	next  int64 // end of the last request seen
+	hi    int64 // end of the windows fetched or in flight for it
+	ra    int64 // size of its last readahead span; 0 before the first
 	// ahead holds the first blocks of the spans started beyond the one
 	// the reader is in, oldest first (nAhead of them); the mark is on
 	// ahead[0].
 	ahead  [spansAhead]int64
 	nAhead int
-	seq   int    // requests that continued it
-	stamp uint64 // last use, for replacement
+	seq    int    // requests that continued it
+	stamp  uint64 // last use, for replacement
 }
 
 // streams is a blob's readahead state. marks are read on every request
@@ -170,9 +170,11 @@ func (b *Blob) onMark(k int, m, off, end int64) {
 	if cur.next-cur.start >= b.c.opts.Readahead {
 		want = spansAhead
 	}
-	for cur.nAhead < want && cur.hi < b.s.size {
+	for cur.nAhead < want {
 		cur.ra = grow(cur.ra, end-off, b.c.opts.RefillSize, b.c.maxReadahead())
-		b.launch(cur)
+		if !b.launch(cur) {
+			break
+		}
 	}
 	b.setMark(k, cur)
 }
@@ -192,12 +194,14 @@ func (b *Blob) setMark(k int, cur *stream) {
 }
 
 // launch starts the stream's next readahead span, cur.ra bytes from
-// cur.hi, and adds it to cur.ahead. Caller holds streams.mu.
-func (b *Blob) launch(cur *stream) {
+// cur.hi, and adds it to cur.ahead; it reports false, starting nothing,
+// at the blob's end or with spansAhead spans ahead already. Caller holds
+// streams.mu.
+func (b *Blob) launch(cur *stream) bool {
 	s := b.s
 	w0 := cur.hi / b.c.opts.RefillSize // hi is a window boundary or the end
 	if cur.hi >= s.size || cur.ra == 0 || cur.nAhead == spansAhead {
-		return
+		return false
 	}
 	w1 := min(w0+cur.ra/b.c.opts.RefillSize, s.nwin)
 	cur.hi = min(w1*b.c.opts.RefillSize, s.size)
@@ -225,6 +229,7 @@ func (b *Blob) launch(cur *stream) {
 	if !ok && sp != nil {
 		s.release(sp, ErrClosed)
 	}
+	return true
 }
 
 // checkMarks starts the next readahead span of every stream whose mark

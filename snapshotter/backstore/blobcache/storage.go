@@ -6,11 +6,11 @@ import (
 	"time"
 )
 
-// storageRetryAfter is the default of Cache.storageRetry: how long after its files last failed the cache
-// stops trying to store: misses read through and prefetch and readahead
-// pause. A full disk stays full for a while, and each try would fetch a
-// whole window only to throw it away; then it tries again, in case space
-// was freed.
+// storageRetryAfter is how long after its files last failed a cache stops
+// trying to store (Cache.storageRetry): misses read through, prefetch and
+// readahead pause. A full disk stays full for a while, and each try would
+// fetch a whole window only to throw it away; after it, the cache tries
+// again, in case space was freed.
 const storageRetryAfter = 5 * time.Second
 
 // storageFailed records a failure of the cache's own files (a full or
