@@ -18,26 +18,10 @@ var _ blobcache.Fetcher = (*registry.Repository)(nil)
 // cache from a real registry, then again after a restart with the registry
 // gone: both must equal the blob file byte for byte.
 func TestCacheOverRealRegistry(t *testing.T) {
-	srv := testreg.Start(t, testreg.Options{})
-	ref := srv.PushHelloWorld(t)
-	client, err := registry.New(registry.Options{
-		PlainHTTP:   []string{srv.Host},
-		Credentials: func(string) (string, string, error) { return "", "", nil },
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	img, err := client.Resolve(ctx, ref)
-	if err != nil {
-		t.Fatal(err)
-	}
+	client, img, want := helloWorldLayer(ctx, t)
 	layer := img.Layers[0]
-	want, err := os.ReadFile(testreg.BlobPath(testreg.HelloWorldOCI(t), layer.Digest.String()))
-	if err != nil {
-		t.Fatal(err)
-	}
 	dir := t.TempDir()
 	cache, err := blobcache.Open(dir, blobcache.Options{})
 	if err != nil {
@@ -84,4 +68,29 @@ func TestCacheOverRealRegistry(t *testing.T) {
 	if _, err := blob.ReadAt(got, 0); err != nil || !bytes.Equal(got, want) {
 		t.Fatalf("read after restart without a registry: %v", err)
 	}
+}
+
+// helloWorldLayer pushes upstream's converted hello-world to a real
+// registry and returns a client of it, the resolved image (one layer) and
+// that layer's bytes as the test data holds them.
+func helloWorldLayer(ctx context.Context, t *testing.T) (*registry.Client, *registry.Image, []byte) {
+	t.Helper()
+	srv := testreg.Start(t, testreg.Options{})
+	ref := srv.PushHelloWorld(t)
+	client, err := registry.New(registry.Options{
+		PlainHTTP:   []string{srv.Host},
+		Credentials: func(string) (string, string, error) { return "", "", nil },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := client.ResolveManifest(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := os.ReadFile(testreg.BlobPath(testreg.HelloWorldOCI(t), img.Layers[0].Digest.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return client, img, want
 }

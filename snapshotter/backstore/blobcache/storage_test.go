@@ -1,4 +1,4 @@
-package blobcache
+package blobcache_test
 
 import (
 	"bytes"
@@ -11,8 +11,7 @@ import (
 	"time"
 
 	"github.com/obdtrace/obdtrace/internal/testutil"
-	testreg "github.com/obdtrace/obdtrace/internal/testutil/registry"
-	"github.com/obdtrace/obdtrace/snapshotter/backstore/registry"
+	"github.com/obdtrace/obdtrace/snapshotter/backstore/blobcache"
 	"golang.org/x/sys/unix"
 )
 
@@ -23,26 +22,10 @@ import (
 // cache stores again.
 func TestFullDiskReadsThrough(t *testing.T) {
 	testutil.RequireRoot(t, "mounting a tmpfs")
-	srv := testreg.Start(t, testreg.Options{})
-	ref := srv.PushHelloWorld(t)
-	client, err := registry.New(registry.Options{
-		PlainHTTP:   []string{srv.Host},
-		Credentials: func(string) (string, string, error) { return "", "", nil },
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	img, err := client.ResolveManifest(ctx, ref)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, img, want := helloWorldLayer(ctx, t)
 	layer := img.Layers[0]
-	want, err := os.ReadFile(testreg.BlobPath(testreg.HelloWorldOCI(t), layer.Digest.String()))
-	if err != nil {
-		t.Fatal(err)
-	}
 
 	dir := t.TempDir()
 	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size=1m"); err != nil {
@@ -53,12 +36,13 @@ func TestFullDiskReadsThrough(t *testing.T) {
 			t.Errorf("unmount %s: %v", dir, err)
 		}
 	})
-	cache, err := Open(filepath.Join(dir, "cache"), Options{})
+	cache, err := blobcache.Open(filepath.Join(dir, "cache"), blobcache.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer cache.Close()
-	cache.storageRetry = 200 * time.Millisecond
+	const retry = 200 * time.Millisecond
+	blobcache.SetStorageRetry(cache, retry)
 	blob, err := cache.Blob(layer.Digest, layer.Size, img.Repo)
 	if err != nil {
 		t.Fatal(err)
@@ -81,14 +65,14 @@ func TestFullDiskReadsThrough(t *testing.T) {
 		t.Errorf("disk full: %d uncached bytes (want >= %d), %d I/O errors (want > 0), %d bytes cached (want 0)",
 			st.UncachedBytes, layer.Size, st.IOErrors, st.UsedBytes)
 	}
-	if err := blob.Prefetch(ctx, 0, 4096); !errors.Is(err, ErrStorage) {
+	if err := blob.Prefetch(ctx, 0, 4096); !errors.Is(err, blobcache.ErrStorage) {
 		t.Errorf("prefetch with the disk full: %v, want ErrStorage", err)
 	}
 
 	if err := os.Remove(filler); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(cache.storageRetry)
+	time.Sleep(retry)
 	clear(got)
 	if _, err := blob.ReadAtContext(ctx, got, 0); err != nil {
 		t.Fatalf("read after space was freed: %v", err)
