@@ -104,7 +104,7 @@ func (c *Client) ResolveManifest(ctx context.Context, ref string) (*Image, error
 // digest, and takes img.Platform from it when no index named one.
 func (c *Client) FetchConfig(ctx context.Context, img *Image) error {
 	if img.fetcher == nil {
-		return fmt.Errorf("registry: FetchConfig: %s was not resolved by this client", img.Ref)
+		return fmt.Errorf("registry: FetchConfig: %s did not come from Resolve or ResolveManifest", img.Ref)
 	}
 	raw, err := c.fetchVerified(ctx, img.fetcher, img.Manifest.Config)
 	if err != nil {
